@@ -1,0 +1,429 @@
+//! The Committer: gathers posts, acks, delivery marks and last-seen times and hands them to the
+//! writer thread as whole batches — one transaction each (group commit, DESIGN.md invariant 5).
+//!
+//! There is no timer: while one batch is being written, everything that arrives waits for the
+//! next, so an idle node commits at once and a busy one commits in large batches. After a batch
+//! commits, its new notifications go to the Presence actor in `seq` order (persist, then push:
+//! invariant 4), and each post's `202` is answered once presence says how many sessions it reached.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use super::db::{Db, JobError};
+use super::messages::*;
+use super::presence::Presence;
+use crate::db::batch::{self, BatchResult, PostAnswer, PostOutcome, PostRejection, WriteBatch};
+use crate::domain::{now_ms, rfc3339};
+use crate::protocol::notification_frame;
+use crate::stats::Counters;
+
+/// Rows one transaction may touch before the rest waits for the next batch.
+const MAX_BATCH_WEIGHT: usize = 20_000;
+/// Posts that may wait for a batch before new ones are refused with `503`.
+const MAX_WAITING_POSTS: usize = 20_000;
+/// Acks, marks and last-seen updates kept for a retry when the database is away; past this the
+/// oldest are dropped (they are only redelivered or shown a little stale, never lost as data).
+const MAX_BACKLOG: usize = 200_000;
+/// How long the writer may take over one batch.
+const BATCH_DEADLINE: Duration = Duration::from_secs(10);
+/// Pause before retrying after a failed batch.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+type Reply = oneshot::Sender<Result<PostAnswer, PostRejection>>;
+
+struct WaitingPost {
+    post: batch::PostInput,
+    deadline: Instant,
+    reply: Reply,
+}
+
+/// Posts sharing one `(poster, idempotency key)` while the first is being answered.
+enum Idem {
+    /// The first is on its way; these replies wait for its answer.
+    InFlight {
+        request_hash: Option<String>,
+        waiters: Vec<Reply>,
+    },
+    /// Answered; kept until the answer's `delivered_now` is stored, so repeats match it exactly.
+    Answered {
+        request_hash: Option<String>,
+        answer: PostAnswer,
+    },
+}
+
+pub struct Committer {
+    db: Db,
+    presence: Addr<Presence>,
+    counters: Arc<Counters>,
+    posts: Vec<WaitingPost>,
+    next: WriteBatch,
+    idem: HashMap<(String, String), Idem>,
+    /// The idempotency entry each pending `delivered_now` write will release.
+    idem_seqs: HashMap<i64, (String, String)>,
+    writing: bool,
+    flush_queued: bool,
+}
+
+impl Actor for Committer {
+    type Context = Context<Self>;
+}
+
+impl Committer {
+    pub fn new(db: Db, presence: Addr<Presence>, counters: Arc<Counters>) -> Self {
+        Committer {
+            db,
+            presence,
+            counters,
+            posts: Vec::new(),
+            next: WriteBatch::default(),
+            idem: HashMap::new(),
+            idem_seqs: HashMap::new(),
+            writing: false,
+            flush_queued: false,
+        }
+    }
+
+    /// Asks for a flush after the messages already in the mailbox, so they join this batch.
+    fn wake(&mut self, ctx: &mut Context<Self>) {
+        if !self.writing && !self.flush_queued {
+            self.flush_queued = true;
+            ctx.notify(Flush);
+        }
+    }
+
+    fn backlog(&self) -> usize {
+        self.next.weight()
+    }
+
+    /// Takes up to `MAX_BATCH_WEIGHT` rows of work, dropping posts whose caller gave up.
+    fn take_batch(&mut self) -> (WriteBatch, Vec<WaitingPost>) {
+        let mut batch = std::mem::take(&mut self.next);
+        let now = Instant::now();
+        let mut weight = batch.weight();
+        let mut taken = Vec::new();
+        let mut rest = Vec::new();
+        for w in self.posts.drain(..) {
+            if w.deadline <= now || w.reply.is_closed() {
+                let _ = w.reply.send(Err(PostRejection::Timeout));
+                continue;
+            }
+            let wt = 1 + w.post.device_ids.len() + w.post.user_ids.len();
+            if weight + wt > MAX_BATCH_WEIGHT && !taken.is_empty() {
+                rest.push(w);
+            } else {
+                weight += wt;
+                taken.push(w);
+            }
+        }
+        self.posts = rest;
+        batch.posts = taken.iter().map(|w| w.post.clone()).collect();
+        (batch, taken)
+    }
+
+    fn finish(
+        &mut self,
+        batch: WriteBatch,
+        waiting: Vec<WaitingPost>,
+        res: Result<BatchResult, JobError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let result = match res {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!(
+                    "write batch failed ({e}); {} posts answered 503",
+                    waiting.len()
+                );
+                let why = match e {
+                    JobError::Overloaded => PostRejection::Overloaded,
+                    JobError::Timeout => PostRejection::Timeout,
+                    JobError::Query(_) | JobError::Panicked => PostRejection::Internal,
+                    JobError::Unavailable(_) => PostRejection::Unavailable,
+                };
+                for w in waiting {
+                    self.answer(&w.post, w.reply, Err(why.clone()), None);
+                }
+                self.requeue(batch);
+                ctx.run_later(RETRY_PAUSE, |act, ctx| act.wake(ctx));
+                return;
+            }
+        };
+        for (seq, _) in &batch.delivered_now {
+            if let Some(k) = self.idem_seqs.remove(seq) {
+                self.idem.remove(&k);
+            }
+        }
+        Counters::add(&self.counters.delivered, result.delivered);
+        Counters::add(&self.counters.acked, result.acked);
+
+        let mut published = Vec::new();
+        let mut to_answer = Vec::new();
+        for (w, outcome) in waiting.into_iter().zip(result.posts) {
+            match outcome {
+                PostOutcome::Created {
+                    seq,
+                    created_at,
+                    expires_at,
+                    device_ids,
+                } => {
+                    Counters::add(&self.counters.accepted, 1);
+                    let frame =
+                        notification_frame(&w.post.id, created_at, expires_at, &w.post.payload);
+                    let answer = answer_of(&w.post.id, created_at, expires_at, device_ids.len(), 0);
+                    published.push((
+                        Outbound {
+                            seq,
+                            expires_at,
+                            frame: frame.into(),
+                        },
+                        device_ids,
+                    ));
+                    to_answer.push((w, seq, answer));
+                }
+                PostOutcome::Existing(row) => {
+                    let answer = answer_of(
+                        &row.id,
+                        row.created_at,
+                        row.expires_at,
+                        row.device_count as usize,
+                        row.delivered_now.unwrap_or(0) as u32,
+                    );
+                    self.answer(&w.post, w.reply, Ok(answer), None);
+                }
+                PostOutcome::Rejected(why) => self.answer(&w.post, w.reply, Err(why), None),
+            }
+        }
+        if published.is_empty() {
+            return;
+        }
+        // Presence pushes to sessions in this order; the `202`s go out once it has counted.
+        let counts = self.presence.send(Publish { items: published });
+        let fut = async move { counts.await.unwrap_or_default() }
+            .into_actor(self)
+            .map(move |counts, act, ctx| {
+                for (i, (w, seq, mut answer)) in to_answer.into_iter().enumerate() {
+                    answer.delivered_now = counts.get(i).copied().unwrap_or(0);
+                    let stored = w.post.idempotency_key.as_ref().map(|_| seq);
+                    if stored.is_some() {
+                        act.next
+                            .delivered_now
+                            .push((seq, answer.delivered_now as i32));
+                    }
+                    act.answer(&w.post, w.reply, Ok(answer), stored);
+                }
+                act.wake(ctx);
+            });
+        // `wait` holds the next batch's publish until this one's is counted, so presence always
+        // sees notifications in commit order; presence is local and never waits on anyone.
+        ctx.wait(fut);
+    }
+
+    /// Answers a post and every repeat of it that waited on the same idempotency key. A new
+    /// notification's answer (`stored` is its seq) is kept until its `delivered_now` is written.
+    fn answer(
+        &mut self,
+        post: &batch::PostInput,
+        reply: Reply,
+        result: Result<PostAnswer, PostRejection>,
+        stored: Option<i64>,
+    ) {
+        let _ = reply.send(result.clone());
+        let Some(key) = &post.idempotency_key else {
+            return;
+        };
+        let k = (post.poster.clone(), key.clone());
+        if let Some(Idem::InFlight {
+            waiters,
+            request_hash,
+        }) = self.idem.remove(&k)
+        {
+            for w in waiters {
+                let _ = w.send(result.clone());
+            }
+            if let (Ok(answer), Some(seq)) = (result, stored) {
+                self.idem.insert(
+                    k.clone(),
+                    Idem::Answered {
+                        request_hash,
+                        answer,
+                    },
+                );
+                self.idem_seqs.insert(seq, k);
+            }
+        }
+    }
+
+    /// Puts a failed batch's acks, marks and last-seen times back for the next try.
+    fn requeue(&mut self, mut failed: WriteBatch) {
+        let next = &mut self.next;
+        failed.acks.append(&mut next.acks);
+        failed.delivered.append(&mut next.delivered);
+        failed.seen.append(&mut next.seen);
+        failed.delivered_now.append(&mut next.delivered_now);
+        failed.posts.clear();
+        *next = failed;
+        while next.weight() > MAX_BACKLOG {
+            let dropped = if !next.delivered.is_empty() {
+                next.delivered.remove(0);
+                "delivery mark"
+            } else if !next.seen.is_empty() {
+                next.seen.remove(0);
+                "last-seen time"
+            } else {
+                next.acks.remove(0);
+                "ack"
+            };
+            log::warn!("write backlog full: dropped the oldest {dropped}");
+        }
+    }
+}
+
+fn answer_of(
+    id: &str,
+    created_at: i64,
+    expires_at: i64,
+    devices: usize,
+    delivered_now: u32,
+) -> PostAnswer {
+    PostAnswer {
+        id: id.to_owned(),
+        created_at_ms: created_at,
+        expires_at_ms: expires_at,
+        created_at: rfc3339(created_at),
+        expires_at: rfc3339(expires_at),
+        devices,
+        delivered_now,
+    }
+}
+
+/// Committer → itself: write what has gathered.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+impl Handler<Flush> for Committer {
+    type Result = ();
+
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        self.flush_queued = false;
+        if self.writing || (self.posts.is_empty() && self.next.is_empty()) {
+            return;
+        }
+        let (batch, waiting) = self.take_batch();
+        if batch.is_empty() {
+            return;
+        }
+        self.writing = true;
+        let db = self.db.clone();
+        let batch = Arc::new(batch);
+        let job_batch = batch.clone();
+        let fut = async move {
+            db.write(Instant::now() + BATCH_DEADLINE, move |c| {
+                batch::commit(c, &job_batch, now_ms()).map_err(Into::into)
+            })
+            .await
+        };
+        fut.into_actor(self)
+            .map(move |res, act, ctx| {
+                act.writing = false;
+                let batch = Arc::try_unwrap(batch).unwrap_or_default();
+                act.finish(batch, waiting, res, ctx);
+                act.wake(ctx);
+            })
+            .spawn(ctx);
+    }
+}
+
+impl Handler<SubmitPost> for Committer {
+    type Result = ();
+
+    fn handle(&mut self, msg: SubmitPost, ctx: &mut Context<Self>) {
+        if self.posts.len() >= MAX_WAITING_POSTS {
+            let _ = msg.reply.send(Err(PostRejection::Overloaded));
+            return;
+        }
+        if let Some(key) = &msg.post.idempotency_key {
+            let k = (msg.post.poster.clone(), key.clone());
+            match self.idem.get_mut(&k) {
+                Some(Idem::InFlight {
+                    request_hash,
+                    waiters,
+                }) => {
+                    if *request_hash == msg.post.request_hash {
+                        waiters.push(msg.reply);
+                    } else {
+                        let _ = msg.reply.send(Err(PostRejection::KeyReused));
+                    }
+                    return;
+                }
+                Some(Idem::Answered {
+                    request_hash,
+                    answer,
+                }) => {
+                    let result = if *request_hash == msg.post.request_hash {
+                        Ok(answer.clone())
+                    } else {
+                        Err(PostRejection::KeyReused)
+                    };
+                    let _ = msg.reply.send(result);
+                    return;
+                }
+                None => {
+                    let state = Idem::InFlight {
+                        request_hash: msg.post.request_hash.clone(),
+                        waiters: vec![],
+                    };
+                    self.idem.insert(k, state);
+                }
+            }
+        }
+        self.posts.push(WaitingPost {
+            post: msg.post,
+            deadline: msg.deadline,
+            reply: msg.reply,
+        });
+        self.wake(ctx);
+    }
+}
+
+impl Handler<RecordAck> for Committer {
+    type Result = ();
+
+    fn handle(&mut self, msg: RecordAck, ctx: &mut Context<Self>) {
+        if self.backlog() < MAX_BACKLOG {
+            self.next.acks.push((msg.device_id, msg.ids));
+        } else {
+            log::warn!(
+                "write backlog full: ack from device {} dropped",
+                msg.device_id
+            );
+        }
+        self.wake(ctx);
+    }
+}
+
+impl Handler<RecordDelivered> for Committer {
+    type Result = ();
+
+    fn handle(&mut self, msg: RecordDelivered, ctx: &mut Context<Self>) {
+        if self.backlog() < MAX_BACKLOG {
+            self.next.delivered.push((msg.device_id, msg.seqs));
+        }
+        self.wake(ctx);
+    }
+}
+
+impl Handler<RecordSeen> for Committer {
+    type Result = ();
+
+    fn handle(&mut self, msg: RecordSeen, ctx: &mut Context<Self>) {
+        if self.backlog() < MAX_BACKLOG {
+            self.next.seen.push((msg.device_id, msg.at));
+        }
+        self.wake(ctx);
+    }
+}

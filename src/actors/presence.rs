@@ -1,0 +1,210 @@
+//! The Presence actor: one per node, the map `device → live session` (and `user → devices`).
+//!
+//! It routes committed notifications to live sessions, replaces a device's older session (4002),
+//! closes revoked devices' sessions (4001) and answers who is online. It never touches the
+//! database and never waits on a session: every push is a `do_send` into the session's mailbox.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+
+use actix::prelude::*;
+
+use super::messages::*;
+use super::session::Session;
+use crate::domain::rfc3339;
+use crate::protocol::close;
+
+struct Online {
+    session_id: String,
+    user_id: String,
+    name: String,
+    connected_at: i64,
+    addr: Addr<Session>,
+}
+
+#[derive(Default)]
+pub struct Presence {
+    /// Ordered by device id, so the presence list pages with a stable cursor.
+    devices: BTreeMap<String, Online>,
+    /// Each user's online devices.
+    users: HashMap<String, BTreeSet<String>>,
+}
+
+impl Actor for Presence {
+    type Context = Context<Self>;
+}
+
+impl Presence {
+    fn forget(&mut self, device_id: &str) -> Option<Online> {
+        let online = self.devices.remove(device_id)?;
+        if let Some(set) = self.users.get_mut(&online.user_id) {
+            set.remove(device_id);
+            if set.is_empty() {
+                self.users.remove(&online.user_id);
+            }
+        }
+        Some(online)
+    }
+
+    fn describe(device_id: &str, o: &Online) -> OnlineDevice {
+        OnlineDevice {
+            device_id: device_id.to_owned(),
+            user_id: o.user_id.clone(),
+            name: o.name.clone(),
+            connected_at_ms: o.connected_at,
+            connected_at: rfc3339(o.connected_at),
+        }
+    }
+}
+
+impl Handler<Register> for Presence {
+    type Result = ();
+
+    fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
+        if let Some(old) = self.forget(&msg.device_id) {
+            log::info!(
+                "device {} session {} replaced by session {}",
+                msg.device_id,
+                old.session_id,
+                msg.session_id
+            );
+            old.addr.do_send(CloseSession {
+                code: close::REPLACED,
+                reason: "replaced by a newer session",
+            });
+        }
+        self.users
+            .entry(msg.user_id.clone())
+            .or_default()
+            .insert(msg.device_id.clone());
+        self.devices.insert(
+            msg.device_id,
+            Online {
+                session_id: msg.session_id,
+                user_id: msg.user_id,
+                name: msg.name,
+                connected_at: msg.connected_at,
+                addr: msg.addr,
+            },
+        );
+    }
+}
+
+impl Handler<Unregister> for Presence {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
+        let current = self
+            .devices
+            .get(&msg.device_id)
+            .map(|o| o.session_id == msg.session_id);
+        if current == Some(true) {
+            self.forget(&msg.device_id);
+        }
+    }
+}
+
+impl Handler<Publish> for Presence {
+    type Result = MessageResult<Publish>;
+
+    fn handle(&mut self, msg: Publish, _: &mut Context<Self>) -> Self::Result {
+        let counts = msg
+            .items
+            .into_iter()
+            .map(|(outbound, targets)| {
+                let mut n = 0;
+                for device_id in &targets {
+                    if let Some(online) = self.devices.get(device_id) {
+                        online.addr.do_send(Deliver(outbound.clone()));
+                        n += 1;
+                    }
+                }
+                n
+            })
+            .collect();
+        MessageResult(counts)
+    }
+}
+
+impl Handler<Revoke> for Presence {
+    type Result = ();
+
+    fn handle(&mut self, msg: Revoke, _: &mut Context<Self>) {
+        if let Some(online) = self.forget(&msg.device_id) {
+            online.addr.do_send(CloseSession {
+                code: close::REVOKED,
+                reason: "device revoked",
+            });
+        }
+    }
+}
+
+impl Handler<ListPresence> for Presence {
+    type Result = MessageResult<ListPresence>;
+
+    fn handle(&mut self, msg: ListPresence, _: &mut Context<Self>) -> Self::Result {
+        let after = match &msg.after {
+            Some(a) => Bound::Excluded(a.clone()),
+            None => Bound::Unbounded,
+        };
+        let mut devices = Vec::with_capacity(msg.limit.min(1024));
+        let mut more = false;
+        let (online_devices, online_users) = match &msg.user_id {
+            Some(user) => {
+                let set = self.users.get(user);
+                let ids = set.map(|s| s.range((after, Bound::Unbounded)));
+                for id in ids.into_iter().flatten() {
+                    if devices.len() == msg.limit {
+                        more = true;
+                        break;
+                    }
+                    devices.push(Self::describe(id, &self.devices[id]));
+                }
+                let n = set.map_or(0, |s| s.len());
+                (n, usize::from(n > 0))
+            }
+            None => {
+                for (id, online) in self.devices.range((after, Bound::Unbounded)) {
+                    if devices.len() == msg.limit {
+                        more = true;
+                        break;
+                    }
+                    devices.push(Self::describe(id, online));
+                }
+                (self.devices.len(), self.users.len())
+            }
+        };
+        let next = if more {
+            devices.last().map(|d| d.device_id.clone())
+        } else {
+            None
+        };
+        MessageResult(PresencePage {
+            online_devices,
+            online_users,
+            devices,
+            next,
+        })
+    }
+}
+
+impl Handler<OnlineSince> for Presence {
+    type Result = MessageResult<OnlineSince>;
+
+    fn handle(&mut self, msg: OnlineSince, _: &mut Context<Self>) -> Self::Result {
+        let found = msg
+            .device_ids
+            .into_iter()
+            .filter_map(|id| self.devices.get(&id).map(|o| (id.clone(), o.connected_at)))
+            .collect();
+        MessageResult(found)
+    }
+}
+
+impl Handler<CountSessions> for Presence {
+    type Result = usize;
+
+    fn handle(&mut self, _: CountSessions, _: &mut Context<Self>) -> usize {
+        self.devices.len()
+    }
+}

@@ -1,0 +1,462 @@
+//! The Session actor: one per WebSocket. It speaks the wire protocol of API.md, runs the heartbeat,
+//! replays what the device missed, writes live notifications and forwards acks. It never touches
+//! the database itself: replay pages come from the executor, acks and marks go to the Committer.
+//!
+//! Every use of `actix-web-actors` lives in this file, so moving to `actix-ws` touches only it.
+//!
+//! Ordering: the session registers with Presence *before* it reads its backlog, so a notification
+//! committed after that read is pushed live, and one committed before it is in the backlog (a
+//! node's commit order is its `seq` order). Live pushes that arrive during replay are held back
+//! and sent after it; anything at or below the last `seq` sent is a duplicate and is skipped.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_http::ws::Item as WsItem;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+
+use super::committer::Committer;
+use super::db::Db;
+use super::messages::*;
+use super::presence::Presence;
+use crate::db::queries;
+use crate::domain::{new_id, now_ms};
+use crate::protocol::{self, close, ClientFrame};
+
+/// Notifications read from the database per replay query.
+const REPLAY_PAGE: i64 = 500;
+/// Live notifications held back during replay; past this they are dropped and re-read from the
+/// database instead (they are all committed), so a long replay cannot grow memory without bound.
+const MAX_HELD_BACK: usize = 1_000;
+/// Bad frames tolerated within `BAD_FRAME_WINDOW` before the session is closed with 1008.
+pub const MAX_BAD_FRAMES: u32 = 5;
+pub const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
+/// How long registering with Presence may take before the session gives up.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause before retrying a replay query that failed.
+const REPLAY_RETRY: Duration = Duration::from_millis(500);
+/// Replay attempts before the session is closed with 1013 (try again later).
+const REPLAY_ATTEMPTS: u32 = 5;
+
+/// The device a session serves, as authenticated at upgrade.
+#[derive(Clone, Debug)]
+pub struct DeviceIdentity {
+    pub device_id: String,
+    pub user_id: String,
+    pub name: String,
+}
+
+/// Per-session settings.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub heartbeat: Duration,
+    pub max_frame_bytes: usize,
+}
+
+/// What the actors a session talks to are.
+#[derive(Clone)]
+pub struct SessionDeps {
+    pub presence: Addr<Presence>,
+    pub committer: Addr<Committer>,
+    pub db: Db,
+}
+
+enum Phase {
+    /// Registering, then sending the backlog; live pushes are held back.
+    Replaying {
+        held: Vec<Outbound>,
+        overflowed: bool,
+    },
+    /// Sending live pushes as they come.
+    Live,
+}
+
+pub struct Session {
+    id: String,
+    device: DeviceIdentity,
+    config: SessionConfig,
+    deps: SessionDeps,
+    phase: Phase,
+    /// The highest `seq` written to the socket.
+    last_seq: i64,
+    /// The last time the device showed any sign of life.
+    last_heard: Instant,
+    connected_at: i64,
+    bad_frames: u32,
+    bad_window_start: Instant,
+    /// A fragmented text message being reassembled.
+    partial: Option<Vec<u8>>,
+    replay_failures: u32,
+    /// Set once the cleanup has run; it runs once however the session ends.
+    left: bool,
+    close_reason: &'static str,
+}
+
+/// Starts a session on an upgraded request.
+pub fn start(
+    req: &HttpRequest,
+    stream: web::Payload,
+    device: DeviceIdentity,
+    config: SessionConfig,
+    deps: SessionDeps,
+) -> Result<HttpResponse, actix_web::Error> {
+    let max_frame = config.max_frame_bytes;
+    let session = Session {
+        id: new_id(),
+        device,
+        config,
+        deps,
+        phase: Phase::Replaying {
+            held: Vec::new(),
+            overflowed: false,
+        },
+        last_seq: 0,
+        last_heard: Instant::now(),
+        connected_at: now_ms(),
+        bad_frames: 0,
+        bad_window_start: Instant::now(),
+        partial: None,
+        replay_failures: 0,
+        left: false,
+        close_reason: "connection ended",
+    };
+    ws::WsResponseBuilder::new(session, req, stream)
+        .frame_size(max_frame)
+        .start()
+}
+
+impl Actor for Session {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        log::info!(
+            "session {} started: device {} user {}",
+            self.id,
+            self.device.device_id,
+            self.device.user_id
+        );
+        self.start_heartbeat(ctx);
+        let register = Register {
+            session_id: self.id.clone(),
+            device_id: self.device.device_id.clone(),
+            user_id: self.device.user_id.clone(),
+            name: self.device.name.clone(),
+            connected_at: self.connected_at,
+            addr: ctx.address(),
+        };
+        // `wait` pauses this session (and only it) until Presence has registered it, so `hello`
+        // is the first frame and a post made after `hello` is routed here.
+        self.deps
+            .presence
+            .send(register)
+            .into_actor(self)
+            .timeout(REGISTER_TIMEOUT)
+            .map(|res, act, ctx| match res {
+                Ok(Ok(())) => {
+                    let hello = protocol::hello_frame(
+                        &act.id,
+                        &act.device.device_id,
+                        &act.device.user_id,
+                        act.config.heartbeat.as_millis() as u64,
+                    );
+                    ctx.text(hello);
+                    act.deps.committer.do_send(RecordSeen {
+                        device_id: act.device.device_id.clone(),
+                        at: act.connected_at,
+                    });
+                    act.replay_page(ctx);
+                }
+                _ => {
+                    log::error!("session {}: presence did not register it", act.id);
+                    act.end(ctx, close::TRY_AGAIN_LATER, "server busy");
+                }
+            })
+            .wait(ctx);
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.leave();
+        Running::Stop
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        let secs = (now_ms() - self.connected_at) as f64 / 1000.0;
+        log::info!(
+            "session {} ended: device {} after {secs:.1}s ({})",
+            self.id,
+            self.device.device_id,
+            self.close_reason
+        );
+    }
+}
+
+impl Session {
+    /// The one cleanup path: presence forgets the session and the device's last-seen is recorded.
+    fn leave(&mut self) {
+        if std::mem::replace(&mut self.left, true) {
+            return;
+        }
+        self.deps.presence.do_send(Unregister {
+            session_id: self.id.clone(),
+            device_id: self.device.device_id.clone(),
+        });
+        self.deps.committer.do_send(RecordSeen {
+            device_id: self.device.device_id.clone(),
+            at: now_ms(),
+        });
+    }
+
+    /// Leaves, sends a close frame with `code`, and stops.
+    fn end(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &'static str) {
+        self.leave();
+        self.close_reason = reason;
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::from(code),
+            description: Some(reason.into()),
+        }));
+        ctx.stop();
+    }
+
+    fn start_heartbeat(&self, ctx: &mut ws::WebsocketContext<Self>) {
+        let interval = self.config.heartbeat;
+        ctx.run_interval(interval, move |act, ctx| {
+            if act.last_heard.elapsed() > interval * 2 {
+                log::info!("session {}: no heartbeat for two intervals", act.id);
+                act.end(ctx, close::NORMAL, "heartbeat timeout");
+            } else {
+                ctx.ping(b"");
+            }
+        });
+    }
+
+    /// Reads the next page of the backlog and sends it; when the backlog is done, goes live.
+    fn replay_page(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let device_id = self.device.device_id.clone();
+        let after = self.last_seq;
+        let db = self.deps.db.clone();
+        let deadline = db.deadline();
+        async move {
+            db.read(deadline, move |c| {
+                Ok(queries::pending_for_device(
+                    c,
+                    &device_id,
+                    after,
+                    now_ms(),
+                    REPLAY_PAGE,
+                )?)
+            })
+            .await
+        }
+        .into_actor(self)
+        .map(|res, act, ctx| match res {
+            Ok(rows) => {
+                act.replay_failures = 0;
+                let full = rows.len() as i64 == REPLAY_PAGE;
+                let mut seqs = Vec::with_capacity(rows.len());
+                for r in rows {
+                    ctx.text(protocol::notification_frame(
+                        &r.id,
+                        r.created_at,
+                        r.expires_at,
+                        &r.payload,
+                    ));
+                    act.last_seq = r.seq;
+                    seqs.push(r.seq);
+                }
+                act.report_delivered(seqs);
+                if full {
+                    act.replay_page(ctx);
+                } else {
+                    act.finish_replay(ctx);
+                }
+            }
+            Err(e) => {
+                act.replay_failures += 1;
+                log::warn!(
+                    "session {}: replay failed ({e}), attempt {}",
+                    act.id,
+                    act.replay_failures
+                );
+                if act.replay_failures >= REPLAY_ATTEMPTS {
+                    act.end(ctx, close::TRY_AGAIN_LATER, "database unavailable");
+                } else {
+                    ctx.run_later(REPLAY_RETRY, |act, ctx| act.replay_page(ctx));
+                }
+            }
+        })
+        .spawn(ctx);
+    }
+
+    fn finish_replay(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let Phase::Replaying { held, overflowed } = std::mem::replace(
+            &mut self.phase,
+            Phase::Replaying {
+                held: Vec::new(),
+                overflowed: false,
+            },
+        ) else {
+            return;
+        };
+        if overflowed {
+            // Some live pushes were dropped; they are committed, so read on from the database.
+            self.replay_page(ctx);
+            return;
+        }
+        self.phase = Phase::Live;
+        let now = now_ms();
+        let mut seqs = Vec::new();
+        for item in held {
+            if let Some(seq) = self.write_live(ctx, item, now) {
+                seqs.push(seq);
+            }
+        }
+        self.report_delivered(seqs);
+    }
+
+    /// Writes one live notification unless it was already sent or has expired.
+    fn write_live(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        item: Outbound,
+        now: i64,
+    ) -> Option<i64> {
+        if item.seq <= self.last_seq || item.expires_at <= now {
+            return None;
+        }
+        self.last_seq = item.seq;
+        ctx.text(item.frame);
+        Some(item.seq)
+    }
+
+    fn report_delivered(&self, seqs: Vec<i64>) {
+        if !seqs.is_empty() {
+            self.deps.committer.do_send(RecordDelivered {
+                device_id: self.device.device_id.clone(),
+                seqs,
+            });
+        }
+    }
+
+    fn text(&mut self, ctx: &mut ws::WebsocketContext<Self>, text: &str) {
+        match protocol::decode_client_frame(text) {
+            Ok(ClientFrame::Ping) => ctx.text(protocol::PONG_FRAME),
+            Ok(ClientFrame::Ack { ids }) => {
+                if !ids.is_empty() {
+                    self.deps.committer.do_send(RecordAck {
+                        device_id: self.device.device_id.clone(),
+                        ids,
+                    });
+                }
+            }
+            Err(err) => {
+                ctx.text(protocol::error_frame(&err));
+                self.bad_frame(ctx);
+            }
+        }
+    }
+
+    /// Counts a bad frame; too many within the window close the session with 1008.
+    fn bad_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.bad_window_start.elapsed() > BAD_FRAME_WINDOW {
+            self.bad_window_start = Instant::now();
+            self.bad_frames = 0;
+        }
+        self.bad_frames += 1;
+        if self.bad_frames >= MAX_BAD_FRAMES {
+            self.end(ctx, close::POLICY, "too many bad frames");
+        }
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
+    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        match msg {
+            Ok(ws::Message::Text(text)) => self.text(ctx, &text),
+            Ok(ws::Message::Ping(bytes)) => ctx.pong(&bytes),
+            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
+            Ok(ws::Message::Binary(_)) => {
+                self.end(ctx, close::UNSUPPORTED, "binary frames are not supported")
+            }
+            Ok(ws::Message::Continuation(item)) => self.continuation(ctx, item),
+            Ok(ws::Message::Close(reason)) => {
+                self.leave();
+                self.close_reason = "closed by the device";
+                ctx.close(reason);
+                ctx.stop();
+            }
+            Err(ws::ProtocolError::Overflow) => self.end(ctx, close::TOO_BIG, "frame too big"),
+            Err(e) => {
+                log::debug!("session {}: protocol error: {e}", self.id);
+                self.end(ctx, close::POLICY, "protocol error");
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        // The device's side of the connection is gone (TCP closed or reset).
+        if !self.left {
+            self.close_reason = "connection dropped";
+        }
+        self.leave();
+        ctx.stop();
+    }
+}
+
+impl Session {
+    /// Reassembles a fragmented text message, bounded by the frame size limit.
+    fn continuation(&mut self, ctx: &mut ws::WebsocketContext<Self>, item: WsItem) {
+        let limit = self.config.max_frame_bytes;
+        let last = matches!(item, WsItem::Last(_));
+        match item {
+            WsItem::FirstText(b) => self.partial = Some(b.to_vec()),
+            WsItem::FirstBinary(_) => {
+                return self.end(ctx, close::UNSUPPORTED, "binary frames are not supported")
+            }
+            WsItem::Continue(b) | WsItem::Last(b) => match self.partial.as_mut() {
+                Some(buf) => buf.extend_from_slice(&b),
+                None => return self.end(ctx, close::POLICY, "continuation without a first frame"),
+            },
+        }
+        if self.partial.as_ref().is_some_and(|b| b.len() > limit) {
+            return self.end(ctx, close::TOO_BIG, "message too big");
+        }
+        if last {
+            let bytes = self.partial.take().unwrap_or_default();
+            match String::from_utf8(bytes) {
+                Ok(text) => self.text(ctx, &text),
+                Err(_) => self.end(ctx, close::POLICY, "text message is not UTF-8"),
+            }
+        }
+    }
+}
+
+impl Handler<Deliver> for Session {
+    type Result = ();
+
+    fn handle(&mut self, Deliver(item): Deliver, ctx: &mut Self::Context) {
+        match &mut self.phase {
+            Phase::Replaying { held, overflowed } => {
+                if held.len() < MAX_HELD_BACK {
+                    held.push(item);
+                } else {
+                    *overflowed = true;
+                }
+            }
+            Phase::Live => {
+                if let Some(seq) = self.write_live(ctx, item, now_ms()) {
+                    self.report_delivered(vec![seq]);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<CloseSession> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: CloseSession, ctx: &mut Self::Context) {
+        self.end(ctx, msg.code, msg.reason);
+    }
+}

@@ -1,0 +1,118 @@
+//! Settings, from flags or `HERALD_*` environment variables. Every setting has a default that
+//! works; secrets are never printed (`Secret`'s `Debug` is redacted and `--help` hides env values).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://herald.db";
+pub const DEFAULT_DB_POOL_SIZE: u32 = 4;
+pub const DEFAULT_DB_QUEUE_LIMIT: u64 = 1024;
+pub const DEFAULT_DB_DEADLINE_MS: u64 = 3_000;
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 15_000;
+pub const DEFAULT_WS_MAX_FRAME_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_BODY_BYTES: usize = 512 * 1024;
+
+/// A secret from the command line or environment; `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DatabaseArgs {
+    /// Database URL: sqlite://PATH (embedded, the default) or postgres://USER@HOST:PORT/DB.
+    #[arg(long, env = "HERALD_DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "HERALD_BIND", default_value = DEFAULT_BIND)]
+    pub bind: String,
+
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+
+    /// The admin bearer token. If unset, one is generated on first start into the admin token file.
+    #[arg(long, env = "HERALD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+
+    /// Where a generated admin token is kept (mode 0600) [default: herald-admin.token beside the
+    /// SQLite file, or in the working directory for PostgreSQL].
+    #[arg(long, env = "HERALD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Pooled database connections; the executor runs exactly as many threads (one writer, the
+    /// rest readers), so no request ever waits for a connection.
+    #[arg(long, env = "HERALD_DB_POOL_SIZE", default_value_t = DEFAULT_DB_POOL_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub db_pool_size: u32,
+
+    /// Database jobs that may wait per executor before new ones are refused with 503.
+    #[arg(long, env = "HERALD_DB_QUEUE_LIMIT", default_value_t = DEFAULT_DB_QUEUE_LIMIT)]
+    pub db_queue_limit: u64,
+
+    /// How long a request waits for the database before it is answered 503.
+    #[arg(long, env = "HERALD_DB_DEADLINE_MS", default_value_t = DEFAULT_DB_DEADLINE_MS)]
+    pub db_deadline_ms: u64,
+
+    /// Interval of server pings; a session silent for two intervals is closed.
+    #[arg(long, env = "HERALD_HEARTBEAT_INTERVAL_MS", default_value_t = DEFAULT_HEARTBEAT_INTERVAL_MS)]
+    pub heartbeat_interval_ms: u64,
+
+    /// Largest WebSocket message a device may send (close 1009 past it).
+    #[arg(long, env = "HERALD_WS_MAX_FRAME_BYTES", default_value_t = DEFAULT_WS_MAX_FRAME_BYTES)]
+    pub ws_max_frame_bytes: usize,
+
+    /// Largest HTTP request body (413 past it).
+    #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+
+    /// HTTP worker threads [default: one per CPU core].
+    #[arg(long, env = "HERALD_WORKERS")]
+    pub workers: Option<usize>,
+}
+
+impl ServeArgs {
+    /// The defaults, with this database; for embedding Herald (and for tests).
+    pub fn with_database(database_url: impl Into<String>) -> Self {
+        ServeArgs {
+            bind: DEFAULT_BIND.into(),
+            db: DatabaseArgs {
+                database_url: database_url.into(),
+            },
+            admin_token: None,
+            admin_token_file: None,
+            db_pool_size: DEFAULT_DB_POOL_SIZE,
+            db_queue_limit: DEFAULT_DB_QUEUE_LIMIT,
+            db_deadline_ms: DEFAULT_DB_DEADLINE_MS,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            ws_max_frame_bytes: DEFAULT_WS_MAX_FRAME_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            workers: None,
+        }
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms.max(10))
+    }
+}

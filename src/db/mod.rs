@@ -1,0 +1,324 @@
+//! The database layer: backend selection, the r2d2 pool, migrations and every SQL statement.
+//!
+//! Nothing outside `db/` and `actors/db.rs` names a pool or a pooled connection (DESIGN.md,
+//! invariant 1). Callers hand the executor a closure over `&mut DbConn`; the connection is
+//! borrowed for the length of that synchronous call and returned when it ends.
+
+pub mod batch;
+pub mod queries;
+pub mod schema;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// How long SQLite waits on a lock held by another process (the CLI, say) before giving up.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
+/// PostgreSQL aborts any statement running longer than this, so no executor thread hangs on one.
+const PG_STATEMENT_TIMEOUT_MS: u32 = 10_000;
+/// How long r2d2 may spend (re)connecting before `get()` fails; with pool size equal to the
+/// executor's thread count a checkout never waits for another thread, only for a reconnect.
+const POOL_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection to either backend. Queries in [`queries`] are written once against it.
+#[derive(diesel::MultiConnection)]
+pub enum DbConn {
+    Pg(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+/// Which database a URL names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// An SQLite file at this path.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL, passed to libpq as it is.
+    Postgres(String),
+}
+
+impl Backend {
+    /// Parses `HERALD_DATABASE_URL`: `sqlite://path`, `sqlite:path`, or `postgres://…`/`postgresql://…`.
+    pub fn from_url(url: &str) -> Result<Self, ConnectError> {
+        if let Some(rest) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            if rest.is_empty() || rest.starts_with(":memory:") {
+                return Err(ConnectError::BadUrl(
+                    "SQLite needs a file path (an in-memory database would differ per connection)"
+                        .into(),
+                ));
+            }
+            return Ok(Backend::Sqlite(PathBuf::from(rest)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Backend::Postgres(url.to_owned()));
+        }
+        Err(ConnectError::BadUrl(
+            "expected sqlite://PATH or postgres://… (the URL itself is not shown: it may hold a password)"
+                .into(),
+        ))
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self, Backend::Sqlite(_))
+    }
+
+    /// Opens one bare connection; [`apply_settings`] must run on it before use.
+    fn open(&self) -> Result<DbConn, ConnectError> {
+        match self {
+            Backend::Sqlite(path) => {
+                let path = path
+                    .to_str()
+                    .ok_or_else(|| ConnectError::BadUrl("path is not UTF-8".into()))?;
+                Ok(DbConn::Sqlite(SqliteConnection::establish(path)?))
+            }
+            Backend::Postgres(url) => Ok(DbConn::Pg(PgConnection::establish(url)?)),
+        }
+    }
+
+    /// Opens one connection outside any pool (CLI, migrations), with the backend's settings applied.
+    pub fn connect(&self) -> Result<DbConn, ConnectError> {
+        let mut conn = self.open()?;
+        apply_settings(&mut conn)?;
+        Ok(conn)
+    }
+
+    /// Applies every embedded migration not yet applied; returns how many ran.
+    pub fn migrate(&self) -> Result<usize, ConnectError> {
+        let ran = match self.connect()? {
+            DbConn::Sqlite(mut c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
+            DbConn::Pg(mut c) => c
+                .run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map(|v| v.len()),
+        };
+        ran.map_err(|e| ConnectError::Migration(e.to_string()))
+    }
+}
+
+/// Why a connection could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("bad database URL: {0}")]
+    BadUrl(String),
+    #[error("cannot connect to the database: {0}")]
+    Connection(#[from] diesel::ConnectionError),
+    #[error("cannot set up the connection: {0}")]
+    Setup(#[from] diesel::result::Error),
+    #[error("migration failed: {0}")]
+    Migration(String),
+}
+
+/// Per-connection settings. SQLite: the busy timeout first (so the WAL switch itself waits out a
+/// lock), then WAL so readers never block the writer, full fsync on commit (a `202` survives power
+/// loss), and foreign keys. PostgreSQL: timeouts so no executor thread can hang on a statement.
+fn apply_settings(conn: &mut DbConn) -> Result<(), ConnectError> {
+    let sql = match conn {
+        DbConn::Sqlite(_) => format!(
+            "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};
+             PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;"
+        ),
+        DbConn::Pg(_) => format!(
+            "SET statement_timeout = {PG_STATEMENT_TIMEOUT_MS};
+             SET lock_timeout = {PG_STATEMENT_TIMEOUT_MS};
+             SET idle_in_transaction_session_timeout = {PG_STATEMENT_TIMEOUT_MS};"
+        ),
+    };
+    conn.batch_execute(&sql)?;
+    Ok(())
+}
+
+/// Applies [`apply_settings`] to every connection the pool opens.
+#[derive(Debug)]
+struct Customizer;
+impl r2d2::CustomizeConnection<DbConn, ConnectError> for Customizer {
+    fn on_acquire(&self, conn: &mut DbConn) -> Result<(), ConnectError> {
+        apply_settings(conn)
+    }
+}
+
+/// Runs `f` in one write transaction. On SQLite it is `BEGIN IMMEDIATE`, so the write lock is
+/// taken up front and a read-then-write transaction cannot fail half-way with "database is locked".
+pub fn write_tx<R>(
+    conn: &mut DbConn,
+    f: impl FnOnce(&mut DbConn) -> QueryResult<R>,
+) -> QueryResult<R> {
+    match conn {
+        DbConn::Sqlite(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
+        DbConn::Pg(c) => AnsiTransactionManager::begin_transaction(c)?,
+    }
+    let result = f(conn);
+    match (result, conn) {
+        (Ok(r), DbConn::Sqlite(c)) => AnsiTransactionManager::commit_transaction(c).map(|_| r),
+        (Ok(r), DbConn::Pg(c)) => AnsiTransactionManager::commit_transaction(c).map(|_| r),
+        (Err(e), DbConn::Sqlite(c)) => {
+            let _ = AnsiTransactionManager::rollback_transaction(c);
+            Err(e)
+        }
+        (Err(e), DbConn::Pg(c)) => {
+            let _ = AnsiTransactionManager::rollback_transaction(c);
+            Err(e)
+        }
+    }
+}
+
+/// Counters of the pool, shared with `/v1/stats`. `in_use`/`idle` come from r2d2's own state.
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    /// Checkouts that found no idle connection and had to wait for one to be made.
+    pub waits: AtomicU64,
+    /// Checkouts that gave up after `POOL_CONNECTION_TIMEOUT`.
+    pub timeouts: AtomicU64,
+    /// Connections checked out right now (tracked here to keep the high-water mark).
+    pub in_use: AtomicU64,
+    /// The most connections ever checked out at once.
+    pub max_in_use: AtomicU64,
+}
+
+/// A snapshot of the pool for `/v1/stats`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PoolSnapshot {
+    pub size: u32,
+    pub idle: u32,
+    pub in_use: u32,
+    pub max_in_use: u64,
+    pub waits: u64,
+    pub timeouts: u64,
+}
+
+struct Manager {
+    backend: Backend,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = DbConn;
+    type Error = ConnectError;
+
+    fn connect(&self) -> Result<DbConn, ConnectError> {
+        self.backend.open()
+    }
+
+    fn is_valid(&self, conn: &mut DbConn) -> Result<(), ConnectError> {
+        conn.batch_execute("SELECT 1").map_err(ConnectError::Setup)
+    }
+
+    /// A connection handed back inside a transaction (a handler that panicked half-way) or whose
+    /// transaction state is broken is thrown away rather than reused.
+    fn has_broken(&self, conn: &mut DbConn) -> bool {
+        use diesel::connection::TransactionManagerStatus;
+        match <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn) {
+            TransactionManagerStatus::Valid(v) => v.transaction_depth().is_some(),
+            TransactionManagerStatus::InError => true,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PoolEvents(Arc<PoolCounters>);
+
+impl r2d2::HandleEvent for PoolEvents {
+    fn handle_checkout(&self, _event: r2d2::event::CheckoutEvent) {
+        let now = self.0.in_use.fetch_add(1, Ordering::Relaxed) + 1;
+        self.0.max_in_use.fetch_max(now, Ordering::Relaxed);
+    }
+    fn handle_checkin(&self, _event: r2d2::event::CheckinEvent) {
+        self.0.in_use.fetch_sub(1, Ordering::Relaxed);
+    }
+    fn handle_timeout(&self, _event: r2d2::event::TimeoutEvent) {
+        self.0.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct QuietErrors;
+impl r2d2::HandleError<ConnectError> for QuietErrors {
+    fn handle_error(&self, error: ConnectError) {
+        log::warn!("database connection failed: {error}");
+    }
+}
+
+/// The pool. Only the executor (`actors/db.rs`) holds it; it checks a connection out inside a
+/// synchronous handler and returns it when the handler returns.
+#[derive(Clone)]
+pub struct DbPool {
+    pool: r2d2::Pool<Manager>,
+    counters: Arc<PoolCounters>,
+}
+
+impl fmt::Debug for DbPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DbPool")
+            .field("state", &self.pool.state())
+            .finish()
+    }
+}
+
+/// Why a unit of database work did not run or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("no database connection: {0}")]
+    Unavailable(String),
+    #[error("query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+}
+
+impl DbPool {
+    /// Builds a pool of exactly `size` connections (all opened now, so a dead database is reported
+    /// at start-up rather than on the first request).
+    pub fn build(backend: &Backend, size: u32) -> Result<Self, ConnectError> {
+        let counters = Arc::new(PoolCounters::default());
+        let pool = r2d2::Pool::builder()
+            .max_size(size)
+            .min_idle(Some(size))
+            .connection_timeout(POOL_CONNECTION_TIMEOUT)
+            .test_on_check_out(true)
+            .connection_customizer(Box::new(Customizer))
+            .error_handler(Box::new(QuietErrors))
+            .event_handler(Box::new(PoolEvents(counters.clone())))
+            .build_unchecked(Manager {
+                backend: backend.clone(),
+            });
+        Ok(DbPool { pool, counters })
+    }
+
+    /// Checks a connection out, runs `f`, and returns the connection — all on this thread.
+    pub fn with_conn<R>(
+        &self,
+        f: impl FnOnce(&mut DbConn) -> Result<R, DbError>,
+    ) -> Result<R, DbError> {
+        if self.pool.state().idle_connections == 0 {
+            self.counters.waits.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut conn = self
+            .pool
+            .get()
+            .map_err(|e| DbError::Unavailable(e.to_string()))?;
+        f(&mut conn)
+    }
+
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let state = self.pool.state();
+        let in_use = self.counters.in_use.load(Ordering::Relaxed) as u32;
+        PoolSnapshot {
+            size: self.pool.max_size(),
+            idle: state.idle_connections,
+            in_use,
+            max_in_use: self.counters.max_in_use.load(Ordering::Relaxed),
+            waits: self.counters.waits.load(Ordering::Relaxed),
+            timeouts: self.counters.timeouts.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! `/v1/devices`: services (and the admin) register, list and revoke users' devices.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::{created, read_json, AppState, Principal};
+use crate::actors::messages::{OnlineSince, Revoke};
+use crate::db::queries::{self, DeviceRow};
+use crate::db::DbError;
+use crate::domain::{self, generate_secret, hash_secret, new_id, now_ms, rfc3339, SecretKind};
+use crate::error::ApiError;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateDevice {
+    user_id: String,
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Serialize)]
+struct Created {
+    device_id: String,
+    user_id: String,
+    name: String,
+    token: String,
+    created_at: String,
+}
+
+#[derive(Serialize)]
+struct DeviceView {
+    device_id: String,
+    user_id: String,
+    name: String,
+    created_at: String,
+    online: bool,
+    last_seen: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    user_id: Option<String>,
+}
+
+/// Creates a device row with a fresh token; shared with the CLI's `device create`.
+pub fn new_device(user_id: String, name: String) -> (DeviceRow, String) {
+    let token = generate_secret(SecretKind::DeviceToken);
+    let row = DeviceRow {
+        id: new_id(),
+        user_id,
+        name,
+        token_hash: hash_secret(&token),
+        created_at: now_ms(),
+        revoked_at: None,
+        last_seen: None,
+    };
+    (row, token)
+}
+
+pub async fn create(
+    who: Principal,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    who.require_service()?;
+    let body: CreateDevice = read_json(&req, body, state.max_body_bytes).await?;
+    domain::parse_user_id(&body.user_id)?;
+    domain::parse_device_name(&body.name)?;
+    let (row, token) = new_device(body.user_id, body.name);
+    let stored = row.clone();
+    state
+        .db
+        .write(state.db.deadline(), move |c| {
+            queries::insert_device(c, &stored).map_err(DbError::from)
+        })
+        .await?;
+    log::info!("device {} created for user {:?}", row.id, row.user_id);
+    Ok(created(&Created {
+        device_id: row.id,
+        user_id: row.user_id,
+        name: row.name,
+        token,
+        created_at: rfc3339(row.created_at),
+    }))
+}
+
+pub async fn list(
+    who: Principal,
+    state: web::Data<AppState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    who.require_service()?;
+    let Some(user_id) = query.into_inner().user_id else {
+        return Err(ApiError::bad_request(
+            "missing_user_id",
+            "give ?user_id= to list a user's devices",
+        ));
+    };
+    domain::parse_user_id(&user_id)?;
+    let rows = state
+        .db
+        .read(state.db.deadline(), move |c| {
+            queries::devices_of_user(c, &user_id).map_err(DbError::from)
+        })
+        .await?;
+    let online = state
+        .presence
+        .send(OnlineSince {
+            device_ids: rows.iter().map(|r| r.id.clone()).collect(),
+        })
+        .await
+        .map_err(|_| ApiError::internal())?;
+    let devices: Vec<DeviceView> = rows
+        .into_iter()
+        .map(|r| DeviceView {
+            online: online.contains_key(&r.id),
+            last_seen: r.last_seen.map(rfc3339),
+            device_id: r.id,
+            user_id: r.user_id,
+            name: r.name,
+            created_at: rfc3339(r.created_at),
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "devices": devices })))
+}
+
+pub async fn revoke(
+    who: Principal,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    who.require_service()?;
+    let device_id = path.into_inner();
+    let target = device_id.clone();
+    let revoked = state
+        .db
+        .write(state.db.deadline(), move |c| {
+            queries::revoke_device(c, &target, now_ms()).map_err(DbError::from)
+        })
+        .await?;
+    if revoked.is_none() {
+        return Err(ApiError::not_found("device"));
+    }
+    state.presence.do_send(Revoke {
+        device_id: device_id.clone(),
+    });
+    log::info!("device {device_id} revoked");
+    Ok(HttpResponse::NoContent().finish())
+}

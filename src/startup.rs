@@ -1,0 +1,171 @@
+//! Builds a running node from settings: migrations, the executor, the actors, the HTTP server.
+//! `Application::build` binds the listener first, so tests can bind port 0 and ask `port()`.
+
+use std::fs;
+use std::io::{self, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpServer};
+
+use crate::actors::committer::Committer;
+use crate::actors::db::Db;
+use crate::actors::presence::Presence;
+use crate::actors::session::SessionConfig;
+use crate::config::ServeArgs;
+use crate::db::{Backend, ConnectError};
+use crate::domain::{generate_secret, SecretKind};
+use crate::http::{self, AdminCredential, AppState};
+use crate::stats::Counters;
+
+/// Name of the generated admin token file.
+const ADMIN_TOKEN_FILE: &str = "herald-admin.token";
+/// Pending TCP connections the kernel may queue for us (a reconnect storm arrives at once).
+const LISTEN_BACKLOG: u32 = 4096;
+/// How long open connections get to finish when the server stops.
+const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Database(#[from] ConnectError),
+    #[error("cannot listen: {0}")]
+    Listen(#[from] io::Error),
+    #[error("admin token: {0}")]
+    AdminToken(String),
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    /// Migrates the database, starts the actors and binds the listener. Must run inside an actix
+    /// `System`.
+    pub async fn build(args: ServeArgs) -> Result<Self, StartError> {
+        let backend = Backend::from_url(&args.db.database_url)?;
+        let ran = backend.migrate()?;
+        if ran > 0 {
+            log::info!("applied {ran} migration(s)");
+        }
+        let admin = admin_credential(&args, &backend)?;
+        let db = Db::start(
+            &backend,
+            args.db_pool_size,
+            args.db_queue_limit,
+            Duration::from_millis(args.db_deadline_ms),
+        )?;
+        let counters = Arc::new(Counters::default());
+        let presence = Presence::default().start();
+        let committer = Committer::new(db.clone(), presence.clone(), counters.clone()).start();
+        let state = web::Data::new(AppState {
+            db,
+            presence,
+            committer,
+            admin,
+            counters,
+            session: SessionConfig {
+                heartbeat: args.heartbeat(),
+                max_frame_bytes: args.ws_max_frame_bytes,
+            },
+            max_body_bytes: args.max_body_bytes,
+        });
+
+        let listener = TcpListener::bind(&args.bind)?;
+        let port = listener.local_addr()?.port();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(http::query_config())
+                .configure(http::routes)
+        })
+        .backlog(LISTEN_BACKLOG)
+        .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS);
+        if let Some(n) = args.workers {
+            server = server.workers(n.max(1));
+        }
+        let server = server.listen(listener)?.run();
+        log::info!(
+            "herald listening on {} ({} database, pool of {})",
+            args.bind.replace(":0", &format!(":{port}")),
+            if backend.is_sqlite() {
+                "SQLite"
+            } else {
+                "PostgreSQL"
+            },
+            args.db_pool_size
+        );
+        Ok(Application { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle that stops the server.
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    pub async fn run_until_stopped(self) -> io::Result<()> {
+        self.server.await
+    }
+}
+
+/// The admin credential: `HERALD_ADMIN_TOKEN` if set; otherwise the token in the admin token
+/// file, generated (mode 0600) on first start. Only the file's path is ever logged.
+fn admin_credential(args: &ServeArgs, backend: &Backend) -> Result<AdminCredential, StartError> {
+    if let Some(token) = &args.admin_token {
+        if token.expose().len() < 16 {
+            log::warn!("HERALD_ADMIN_TOKEN is shorter than 16 characters; use a long random token");
+        }
+        log::info!("admin token taken from HERALD_ADMIN_TOKEN");
+        return Ok(AdminCredential::from_token(token.expose()));
+    }
+    let path = args
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| match backend {
+            Backend::Sqlite(db) => db
+                .parent()
+                .unwrap_or(std::path::Path::new(""))
+                .join(ADMIN_TOKEN_FILE),
+            Backend::Postgres(_) => PathBuf::from(ADMIN_TOKEN_FILE),
+        });
+    let fail = |what: &str, e: io::Error| {
+        StartError::AdminToken(format!("{what} {}: {e}", path.display()))
+    };
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(StartError::AdminToken(format!(
+                    "{} is empty",
+                    path.display()
+                )));
+            }
+            log::info!("admin token read from {}", path.display());
+            Ok(AdminCredential::from_token(token))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let token = generate_secret(SecretKind::Admin);
+            let mut options = fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&path).map_err(|e| fail("cannot create", e))?;
+            writeln!(file, "{token}").map_err(|e| fail("cannot write", e))?;
+            log::info!(
+                "admin token generated and written to {} (mode 0600)",
+                path.display()
+            );
+            Ok(AdminCredential::from_token(&token))
+        }
+        Err(e) => Err(fail("cannot read", e)),
+    }
+}

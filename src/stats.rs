@@ -1,0 +1,35 @@
+//! Counters of what a node has done since it started, for `/v1/stats`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+#[derive(Debug)]
+pub struct Counters {
+    pub started: Instant,
+    /// Notifications committed (each counted once, however many devices it targets).
+    pub accepted: AtomicU64,
+    /// Deliveries marked as written to a device's socket.
+    pub delivered: AtomicU64,
+    /// Deliveries acked by their device.
+    pub acked: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            started: Instant::now(),
+            accepted: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
