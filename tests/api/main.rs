@@ -1,0 +1,7 @@
+//! Herald's integration suite: one binary, a file per feature. Every test starts a real node on
+//! a random port with its own database and drives it with real HTTP and WebSocket clients, once
+//! on SQLite and once on PostgreSQL.
+
+mod helpers;
+
+mod delivery;
