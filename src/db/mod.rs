@@ -116,6 +116,8 @@ pub enum ConnectError {
     Connection(#[from] diesel::ConnectionError),
     #[error("cannot set up the connection: {0}")]
     Setup(#[from] diesel::result::Error),
+    #[error("cannot open the connection pool: {0}")]
+    Pool(String),
     #[error("migration failed: {0}")]
     Migration(String),
 }
@@ -276,8 +278,9 @@ pub enum DbError {
 }
 
 impl DbPool {
-    /// Builds a pool of exactly `size` connections (all opened now, so a dead database is reported
-    /// at start-up rather than on the first request).
+    /// Builds a pool of exactly `size` connections, all opened now (so a dead database is reported
+    /// at start-up, and no early request waits for a connection to be made). Connections are kept
+    /// for good: no idle timeout or lifetime that would have the pool replace them under load.
     pub fn build(backend: &Backend, size: u32) -> Result<Self, ConnectError> {
         let counters = Arc::new(PoolCounters::default());
         let pool = r2d2::Pool::builder()
@@ -285,6 +288,8 @@ impl DbPool {
             .min_idle(Some(size))
             .connection_timeout(POOL_CONNECTION_TIMEOUT)
             .test_on_check_out(true)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connection_customizer(Box::new(Customizer))
             .error_handler(Box::new(QuietErrors))
             .event_handler(Box::new(PoolEvents(counters.clone())))

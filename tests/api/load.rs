@@ -1,0 +1,251 @@
+//! Many devices, many posts, at once: every device gets exactly its own notifications, in one
+//! global creation order, and the pool never waits (DESIGN.md invariants 1–3).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use awc::http::StatusCode;
+use serde_json::{json, Value};
+
+use crate::both_backends;
+use crate::helpers::*;
+
+both_backends!(two_hundred_devices_get_exactly_their_own_in_order, pool_of_two_serves_five_hundred_sessions);
+
+/// A small deterministic generator, so a failing run can be replayed.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+/// What each device has received, per session, in arrival order.
+type Inbox = Rc<RefCell<HashMap<String, Vec<Vec<String>>>>>;
+
+/// Reads a session until it ends, acking everything, recording ids under the device.
+fn spawn_reader(inbox: Inbox, device_id: String, mut ws: WsClient) -> actix_web::rt::task::JoinHandle<()> {
+    inbox.borrow_mut().entry(device_id.clone()).or_default().push(Vec::new());
+    actix_web::rt::spawn(async move {
+        while let Some(event) = ws.next_event_within(Duration::from_secs(120)).await {
+            match event {
+                Event::Json(v) if v["type"] == "notification" => {
+                    let id = v["id"].as_str().unwrap().to_owned();
+                    ws.ack(&[&id]).await;
+                    inbox.borrow_mut().get_mut(&device_id).unwrap().last_mut().unwrap().push(id);
+                }
+                Event::Json(_) => {}
+                Event::Close(_) => break,
+            }
+        }
+    })
+}
+
+/// Creates `users × per_user` devices.
+async fn make_devices(app: &TestApp, key: &str, users: usize, per_user: usize) -> Vec<Device> {
+    let mut devices = Vec::new();
+    for u in 0..users {
+        for _ in 0..per_user {
+            devices.push(app.device(key, &format!("user-{u}")).await);
+        }
+    }
+    devices
+}
+
+/// Posts `count` notifications from `concurrency` tasks, each to a random user or two random
+/// devices; returns each accepted notification's id and target devices, and the status counts.
+async fn post_many(
+    app: &TestApp,
+    key: &str,
+    devices: &[Device],
+    count: usize,
+    concurrency: usize,
+    seed: u64,
+) -> (Vec<(String, Vec<String>)>, HashMap<u16, usize>) {
+    let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
+    for d in devices {
+        by_user.entry(d.user_id.clone()).or_default().push(d.id.clone());
+    }
+    let users: Vec<String> = by_user.keys().cloned().collect();
+    let accepted = Rc::new(RefCell::new(Vec::new()));
+    let statuses = Rc::new(RefCell::new(HashMap::new()));
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let per_task = count / concurrency + usize::from(t < count % concurrency);
+        let (accepted, statuses) = (accepted.clone(), statuses.clone());
+        let (base, key) = (app.base.clone(), key.to_owned());
+        let ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
+        let (users, by_user) = (users.clone(), by_user.clone());
+        tasks.push(actix_web::rt::spawn(async move {
+            let http = awc::Client::builder().timeout(Duration::from_secs(60)).finish();
+            let mut rng = Lcg(seed + t as u64);
+            for i in 0..per_task {
+                let (body, targets) = if rng.next(2) == 0 {
+                    let u = &users[rng.next(users.len())];
+                    (json!({"user_ids": [u], "payload": {"task": t, "i": i}}), by_user[u].clone())
+                } else {
+                    let mut two = vec![ids[rng.next(ids.len())].clone(), ids[rng.next(ids.len())].clone()];
+                    two.sort();
+                    two.dedup();
+                    (json!({"device_ids": two, "payload": {"task": t, "i": i}}), two)
+                };
+                let mut res = http
+                    .post(format!("{base}/v1/notifications"))
+                    .insert_header(("Authorization", format!("Bearer {key}")))
+                    .send_json(&body)
+                    .await
+                    .expect("an answer");
+                *statuses.borrow_mut().entry(res.status().as_u16()).or_insert(0) += 1;
+                if res.status() == StatusCode::ACCEPTED {
+                    let v: Value = res.json().await.unwrap();
+                    assert_eq!(v["devices"], targets.len(), "{v}");
+                    accepted.borrow_mut().push((v["id"].as_str().unwrap().to_owned(), targets));
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let accepted = accepted.borrow().clone();
+    let statuses = statuses.borrow().clone();
+    (accepted, statuses)
+}
+
+/// Checks that every device received exactly its notifications (duplicates only across
+/// sessions), and that any two notifications appear in the same relative order everywhere.
+fn check_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)], devices: &[Device]) {
+    let mut expected: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for (id, targets) in accepted {
+        for t in targets {
+            expected.entry(t.as_str()).or_default().insert(id.as_str());
+        }
+    }
+    let inbox = inbox.borrow();
+    // Every session's arrival order must fit one global creation order: the precedence edges
+    // between consecutive arrivals, over all sessions, must have no cycle.
+    let mut edges: HashMap<&str, HashSet<&str>> = HashMap::new();
+    let mut order_pairs = 0usize;
+    for d in devices {
+        let sessions = &inbox[&d.id];
+        let mut got: HashSet<&str> = HashSet::new();
+        for session in sessions {
+            let mut in_session = HashSet::new();
+            for id in session {
+                assert!(in_session.insert(id.as_str()), "device {} got {id} twice in one session", d.id);
+                got.insert(id.as_str());
+            }
+            for pair in session.windows(2) {
+                edges.entry(pair[0].as_str()).or_default().insert(pair[1].as_str());
+                order_pairs += 1;
+            }
+        }
+        let want = expected.remove(d.id.as_str()).unwrap_or_default();
+        let missing: Vec<_> = want.difference(&got).collect();
+        let extra: Vec<_> = got.difference(&want).collect();
+        assert!(missing.is_empty(), "device {} is missing {} notifications", d.id, missing.len());
+        assert!(extra.is_empty(), "device {} got {} notifications not meant for it", d.id, extra.len());
+    }
+    let mut indegree: HashMap<&str, usize> = HashMap::new();
+    for (from, tos) in &edges {
+        indegree.entry(from).or_default();
+        for to in tos {
+            *indegree.entry(to).or_default() += 1;
+        }
+    }
+    let mut ready: Vec<&str> = indegree.iter().filter(|(_, n)| **n == 0).map(|(id, _)| *id).collect();
+    let mut sorted = 0;
+    while let Some(id) = ready.pop() {
+        sorted += 1;
+        for to in edges.get(id).into_iter().flatten() {
+            let n = indegree.get_mut(to).unwrap();
+            *n -= 1;
+            if *n == 0 {
+                ready.push(to);
+            }
+        }
+    }
+    assert_eq!(sorted, indegree.len(), "sessions disagree on the order of notifications");
+    assert!(order_pairs > 0, "the order check compared nothing");
+}
+
+/// Waits until every device has received what was posted to it.
+async fn wait_for_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)]) {
+    let mut want: HashMap<String, usize> = HashMap::new();
+    for (_, targets) in accepted {
+        for t in targets {
+            *want.entry(t.clone()).or_default() += 1;
+        }
+    }
+    let start = Instant::now();
+    loop {
+        let done = {
+            let inbox = inbox.borrow();
+            want.iter().all(|(d, n)| {
+                let got: HashSet<&String> = inbox.get(d).into_iter().flatten().flatten().collect();
+                got.len() >= *n
+            })
+        };
+        if done {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "deliveries did not complete");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn two_hundred_devices_get_exactly_their_own_in_order(b: Backend) {
+    let app = spawn_app(b).await;
+    let key = app.service_key().await;
+    let devices = make_devices(&app, &key, 50, 4).await;
+    let inbox: Inbox = Rc::default();
+    let mut readers = Vec::new();
+    for d in &devices {
+        readers.push(spawn_reader(inbox.clone(), d.id.clone(), app.connect(d).await));
+    }
+    assert_eq!(app.presence().await["online_devices"], 200);
+
+    let (accepted, statuses) = post_many(&app, &key, &devices, 2000, 40, 7).await;
+    assert_eq!(statuses.get(&202), Some(&2000), "statuses: {statuses:?}");
+    wait_for_inboxes(&inbox, &accepted).await;
+    check_inboxes(&inbox, &accepted, &devices);
+
+    let stats = app.pool_settles().await;
+    assert_eq!(stats["notifications"]["accepted"], 2000);
+    assert_eq!(stats["db_pool"]["timeouts"], 0, "{stats}");
+    assert_eq!(stats["db_pool"]["waits"], 0, "{stats}");
+}
+
+/// DESIGN.md invariants 1 and 2: two connections serve 500 sessions and a stream of posts
+/// without a single pool wait or timeout.
+async fn pool_of_two_serves_five_hundred_sessions(b: Backend) {
+    let app = spawn_app_with(b, |a| a.db_pool_size = 2).await;
+    let key = app.service_key().await;
+    let devices = make_devices(&app, &key, 125, 4).await;
+    let inbox: Inbox = Rc::default();
+    let mut connects = Vec::new();
+    for chunk in devices.chunks(50) {
+        let mut pending = Vec::new();
+        for d in chunk {
+            pending.push(app.connect(d));
+        }
+        connects.extend(futures_util::future::join_all(pending).await);
+    }
+    for (d, ws) in devices.iter().zip(connects) {
+        spawn_reader(inbox.clone(), d.id.clone(), ws);
+    }
+    assert_eq!(app.presence().await["online_devices"], 500);
+
+    let (accepted, statuses) = post_many(&app, &key, &devices, 1000, 50, 11).await;
+    assert_eq!(statuses.get(&202), Some(&1000), "statuses: {statuses:?}");
+    wait_for_inboxes(&inbox, &accepted).await;
+    check_inboxes(&inbox, &accepted, &devices);
+    let stats = app.pool_settles().await;
+    assert_eq!(stats["db_pool"]["size"], 2, "{stats}");
+    assert_eq!(stats["db_pool"]["timeouts"], 0, "{stats}");
+    assert_eq!(stats["db_pool"]["waits"], 0, "{stats}");
+    assert!(stats["db_pool"]["max_in_use"].as_u64().unwrap() <= 2, "{stats}");
+}
