@@ -15,22 +15,38 @@ use crate::helpers::*;
 both_backends!(two_hundred_devices_get_exactly_their_own_in_order, pool_of_two_serves_five_hundred_sessions);
 
 /// A small deterministic generator, so a failing run can be replayed.
-struct Lcg(u64);
+pub struct Lcg(pub u64);
 impl Lcg {
-    fn next(&mut self, n: usize) -> usize {
+    pub fn next(&mut self, n: usize) -> usize {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((self.0 >> 33) % n as u64) as usize
     }
 }
 
 /// What each device has received, per session, in arrival order.
-type Inbox = Rc<RefCell<HashMap<String, Vec<Vec<String>>>>>;
+pub type Inbox = Rc<RefCell<HashMap<String, Vec<Vec<String>>>>>;
 
 /// Reads a session until it ends, acking everything, recording ids under the device.
-fn spawn_reader(inbox: Inbox, device_id: String, mut ws: WsClient) -> actix_web::rt::task::JoinHandle<()> {
+pub fn spawn_reader(inbox: Inbox, device_id: String, ws: WsClient) -> actix_web::rt::task::JoinHandle<()> {
+    spawn_reader_until(inbox, device_id, ws, std::future::pending())
+}
+
+/// Like `spawn_reader`, but resets the TCP connection (no close frame) when `reset` completes.
+pub fn spawn_reader_until(
+    inbox: Inbox,
+    device_id: String,
+    mut ws: WsClient,
+    reset: impl std::future::Future<Output = ()> + 'static,
+) -> actix_web::rt::task::JoinHandle<()> {
     inbox.borrow_mut().entry(device_id.clone()).or_default().push(Vec::new());
     actix_web::rt::spawn(async move {
-        while let Some(event) = ws.next_event_within(Duration::from_secs(120)).await {
+        let mut reset = std::pin::pin!(reset);
+        loop {
+            let event = tokio::select! {
+                e = ws.next_event_within(Duration::from_secs(300)) => e,
+                _ = &mut reset => return ws.reset(),
+            };
+            let Some(event) = event else { break };
             match event {
                 Event::Json(v) if v["type"] == "notification" => {
                     let id = v["id"].as_str().unwrap().to_owned();
@@ -45,19 +61,18 @@ fn spawn_reader(inbox: Inbox, device_id: String, mut ws: WsClient) -> actix_web:
 }
 
 /// Creates `users × per_user` devices.
-async fn make_devices(app: &TestApp, key: &str, users: usize, per_user: usize) -> Vec<Device> {
+pub async fn make_devices(app: &TestApp, key: &str, users: usize, per_user: usize) -> Vec<Device> {
+    let names: Vec<String> = (0..users).flat_map(|u| vec![format!("user-{u}"); per_user]).collect();
     let mut devices = Vec::new();
-    for u in 0..users {
-        for _ in 0..per_user {
-            devices.push(app.device(key, &format!("user-{u}")).await);
-        }
+    for chunk in names.chunks(50) {
+        devices.extend(futures_util::future::join_all(chunk.iter().map(|u| app.device(key, u))).await);
     }
     devices
 }
 
 /// Posts `count` notifications from `concurrency` tasks, each to a random user or two random
 /// devices; returns each accepted notification's id and target devices, and the status counts.
-async fn post_many(
+pub async fn post_many(
     app: &TestApp,
     key: &str,
     devices: &[Device],
@@ -117,7 +132,7 @@ async fn post_many(
 
 /// Checks that every device received exactly its notifications (duplicates only across
 /// sessions), and that any two notifications appear in the same relative order everywhere.
-fn check_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)], devices: &[Device]) {
+pub fn check_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)], devices: &[Device]) {
     let mut expected: HashMap<&str, HashSet<&str>> = HashMap::new();
     for (id, targets) in accepted {
         for t in targets {
@@ -173,7 +188,7 @@ fn check_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)], devices: &[D
 }
 
 /// Waits until every device has received what was posted to it.
-async fn wait_for_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)]) {
+pub async fn wait_for_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)]) {
     let mut want: HashMap<String, usize> = HashMap::new();
     for (_, targets) in accepted {
         for t in targets {

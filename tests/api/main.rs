@@ -6,3 +6,8 @@ mod helpers;
 
 mod delivery;
 mod load;
+mod regression;
+mod cli;
+mod http_api;
+mod protocol;
+mod sessions;
