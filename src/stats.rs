@@ -12,6 +12,10 @@ pub struct Counters {
     pub delivered: AtomicU64,
     /// Deliveries acked by their device.
     pub acked: AtomicU64,
+    /// Write transactions committed by the Committer (each a whole batch).
+    pub write_batches: AtomicU64,
+    /// Items (posts, acks, delivery marks, last-seen times) those batches carried.
+    pub write_items: AtomicU64,
 }
 
 impl Default for Counters {
@@ -21,6 +25,8 @@ impl Default for Counters {
             accepted: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            write_batches: AtomicU64::new(0),
+            write_items: AtomicU64::new(0),
         }
     }
 }

@@ -157,6 +157,11 @@ impl Committer {
                 self.idem.remove(&k);
             }
         }
+        Counters::add(&self.counters.write_batches, 1);
+        Counters::add(
+            &self.counters.write_items,
+            batch.items() as u64 + waiting.len() as u64,
+        );
         Counters::add(&self.counters.delivered, result.delivered);
         Counters::add(&self.counters.acked, result.acked);
 

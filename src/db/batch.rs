@@ -96,6 +96,11 @@ impl WriteBatch {
             && self.delivered_now.is_empty()
     }
 
+    /// Acks, marks, last-seen times and counts carried (posts are counted by the caller).
+    pub fn items(&self) -> usize {
+        self.acks.len() + self.delivered.len() + self.seen.len() + self.delivered_now.len()
+    }
+
     /// Rows this batch will touch, roughly; bounds the size of one transaction.
     pub fn weight(&self) -> usize {
         self.posts

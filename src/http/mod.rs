@@ -125,14 +125,22 @@ pub async fn read_json_bytes(
     Ok(body.freeze())
 }
 
-/// Parses a JSON body, classifying the error as [`read_json`] documents.
+/// Parses a JSON body, classifying the error as [`read_json`] documents. The body must be a JSON
+/// object: serde would otherwise also fill a struct from an array of its fields in order.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| match e.classify() {
+    let value = serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             ApiError::unprocessable("invalid_request", e.to_string())
         }
         _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")),
-    })
+    })?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::unprocessable(
+            "invalid_request",
+            "the body must be a JSON object",
+        ));
+    }
+    Ok(value)
 }
 
 /// `201 Created` with a JSON body.

@@ -46,6 +46,10 @@ pub async fn stats(who: Principal, state: web::Data<AppState>) -> Result<HttpRes
             "delivered": Counters::get(&c.delivered),
             "acked": Counters::get(&c.acked),
         },
+        "writes": {
+            "transactions": Counters::get(&c.write_batches),
+            "items": Counters::get(&c.write_items),
+        },
         "uptime_seconds": c.started.elapsed().as_secs(),
     })))
 }

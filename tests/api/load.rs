@@ -12,13 +12,19 @@ use serde_json::{json, Value};
 use crate::both_backends;
 use crate::helpers::*;
 
-both_backends!(two_hundred_devices_get_exactly_their_own_in_order, pool_of_two_serves_five_hundred_sessions);
+both_backends!(
+    two_hundred_devices_get_exactly_their_own_in_order,
+    pool_of_two_serves_five_hundred_sessions
+);
 
 /// A small deterministic generator, so a failing run can be replayed.
 pub struct Lcg(pub u64);
 impl Lcg {
     pub fn next(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 33) % n as u64) as usize
     }
 }
@@ -27,7 +33,11 @@ impl Lcg {
 pub type Inbox = Rc<RefCell<HashMap<String, Vec<Vec<String>>>>>;
 
 /// Reads a session until it ends, acking everything, recording ids under the device.
-pub fn spawn_reader(inbox: Inbox, device_id: String, ws: WsClient) -> actix_web::rt::task::JoinHandle<()> {
+pub fn spawn_reader(
+    inbox: Inbox,
+    device_id: String,
+    ws: WsClient,
+) -> actix_web::rt::task::JoinHandle<()> {
     spawn_reader_until(inbox, device_id, ws, std::future::pending())
 }
 
@@ -38,7 +48,11 @@ pub fn spawn_reader_until(
     mut ws: WsClient,
     reset: impl std::future::Future<Output = ()> + 'static,
 ) -> actix_web::rt::task::JoinHandle<()> {
-    inbox.borrow_mut().entry(device_id.clone()).or_default().push(Vec::new());
+    inbox
+        .borrow_mut()
+        .entry(device_id.clone())
+        .or_default()
+        .push(Vec::new());
     actix_web::rt::spawn(async move {
         let mut reset = std::pin::pin!(reset);
         loop {
@@ -51,7 +65,13 @@ pub fn spawn_reader_until(
                 Event::Json(v) if v["type"] == "notification" => {
                     let id = v["id"].as_str().unwrap().to_owned();
                     ws.ack(&[&id]).await;
-                    inbox.borrow_mut().get_mut(&device_id).unwrap().last_mut().unwrap().push(id);
+                    inbox
+                        .borrow_mut()
+                        .get_mut(&device_id)
+                        .unwrap()
+                        .last_mut()
+                        .unwrap()
+                        .push(id);
                 }
                 Event::Json(_) => {}
                 Event::Close(_) => break,
@@ -62,10 +82,13 @@ pub fn spawn_reader_until(
 
 /// Creates `users × per_user` devices.
 pub async fn make_devices(app: &TestApp, key: &str, users: usize, per_user: usize) -> Vec<Device> {
-    let names: Vec<String> = (0..users).flat_map(|u| vec![format!("user-{u}"); per_user]).collect();
+    let names: Vec<String> = (0..users)
+        .flat_map(|u| vec![format!("user-{u}"); per_user])
+        .collect();
     let mut devices = Vec::new();
     for chunk in names.chunks(50) {
-        devices.extend(futures_util::future::join_all(chunk.iter().map(|u| app.device(key, u))).await);
+        devices
+            .extend(futures_util::future::join_all(chunk.iter().map(|u| app.device(key, u))).await);
     }
     devices
 }
@@ -82,7 +105,10 @@ pub async fn post_many(
 ) -> (Vec<(String, Vec<String>)>, HashMap<u16, usize>) {
     let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
     for d in devices {
-        by_user.entry(d.user_id.clone()).or_default().push(d.id.clone());
+        by_user
+            .entry(d.user_id.clone())
+            .or_default()
+            .push(d.id.clone());
     }
     let users: Vec<String> = by_user.keys().cloned().collect();
     let accepted = Rc::new(RefCell::new(Vec::new()));
@@ -95,17 +121,28 @@ pub async fn post_many(
         let ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
         let (users, by_user) = (users.clone(), by_user.clone());
         tasks.push(actix_web::rt::spawn(async move {
-            let http = awc::Client::builder().timeout(Duration::from_secs(60)).finish();
+            let http = awc::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .finish();
             let mut rng = Lcg(seed + t as u64);
             for i in 0..per_task {
                 let (body, targets) = if rng.next(2) == 0 {
                     let u = &users[rng.next(users.len())];
-                    (json!({"user_ids": [u], "payload": {"task": t, "i": i}}), by_user[u].clone())
+                    (
+                        json!({"user_ids": [u], "payload": {"task": t, "i": i}}),
+                        by_user[u].clone(),
+                    )
                 } else {
-                    let mut two = vec![ids[rng.next(ids.len())].clone(), ids[rng.next(ids.len())].clone()];
+                    let mut two = vec![
+                        ids[rng.next(ids.len())].clone(),
+                        ids[rng.next(ids.len())].clone(),
+                    ];
                     two.sort();
                     two.dedup();
-                    (json!({"device_ids": two, "payload": {"task": t, "i": i}}), two)
+                    (
+                        json!({"device_ids": two, "payload": {"task": t, "i": i}}),
+                        two,
+                    )
                 };
                 let mut res = http
                     .post(format!("{base}/v1/notifications"))
@@ -113,11 +150,16 @@ pub async fn post_many(
                     .send_json(&body)
                     .await
                     .expect("an answer");
-                *statuses.borrow_mut().entry(res.status().as_u16()).or_insert(0) += 1;
+                *statuses
+                    .borrow_mut()
+                    .entry(res.status().as_u16())
+                    .or_insert(0) += 1;
                 if res.status() == StatusCode::ACCEPTED {
                     let v: Value = res.json().await.unwrap();
                     assert_eq!(v["devices"], targets.len(), "{v}");
-                    accepted.borrow_mut().push((v["id"].as_str().unwrap().to_owned(), targets));
+                    accepted
+                        .borrow_mut()
+                        .push((v["id"].as_str().unwrap().to_owned(), targets));
                 }
             }
         }));
@@ -150,19 +192,36 @@ pub fn check_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)], devices:
         for session in sessions {
             let mut in_session = HashSet::new();
             for id in session {
-                assert!(in_session.insert(id.as_str()), "device {} got {id} twice in one session", d.id);
+                assert!(
+                    in_session.insert(id.as_str()),
+                    "device {} got {id} twice in one session",
+                    d.id
+                );
                 got.insert(id.as_str());
             }
             for pair in session.windows(2) {
-                edges.entry(pair[0].as_str()).or_default().insert(pair[1].as_str());
+                edges
+                    .entry(pair[0].as_str())
+                    .or_default()
+                    .insert(pair[1].as_str());
                 order_pairs += 1;
             }
         }
         let want = expected.remove(d.id.as_str()).unwrap_or_default();
         let missing: Vec<_> = want.difference(&got).collect();
         let extra: Vec<_> = got.difference(&want).collect();
-        assert!(missing.is_empty(), "device {} is missing {} notifications", d.id, missing.len());
-        assert!(extra.is_empty(), "device {} got {} notifications not meant for it", d.id, extra.len());
+        assert!(
+            missing.is_empty(),
+            "device {} is missing {} notifications",
+            d.id,
+            missing.len()
+        );
+        assert!(
+            extra.is_empty(),
+            "device {} got {} notifications not meant for it",
+            d.id,
+            extra.len()
+        );
     }
     let mut indegree: HashMap<&str, usize> = HashMap::new();
     for (from, tos) in &edges {
@@ -171,7 +230,11 @@ pub fn check_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)], devices:
             *indegree.entry(to).or_default() += 1;
         }
     }
-    let mut ready: Vec<&str> = indegree.iter().filter(|(_, n)| **n == 0).map(|(id, _)| *id).collect();
+    let mut ready: Vec<&str> = indegree
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(id, _)| *id)
+        .collect();
     let mut sorted = 0;
     while let Some(id) = ready.pop() {
         sorted += 1;
@@ -183,7 +246,11 @@ pub fn check_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)], devices:
             }
         }
     }
-    assert_eq!(sorted, indegree.len(), "sessions disagree on the order of notifications");
+    assert_eq!(
+        sorted,
+        indegree.len(),
+        "sessions disagree on the order of notifications"
+    );
     assert!(order_pairs > 0, "the order check compared nothing");
 }
 
@@ -207,7 +274,10 @@ pub async fn wait_for_inboxes(inbox: &Inbox, accepted: &[(String, Vec<String>)])
         if done {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "deliveries did not complete");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "deliveries did not complete"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -219,7 +289,11 @@ async fn two_hundred_devices_get_exactly_their_own_in_order(b: Backend) {
     let inbox: Inbox = Rc::default();
     let mut readers = Vec::new();
     for d in &devices {
-        readers.push(spawn_reader(inbox.clone(), d.id.clone(), app.connect(d).await));
+        readers.push(spawn_reader(
+            inbox.clone(),
+            d.id.clone(),
+            app.connect(d).await,
+        ));
     }
     assert_eq!(app.presence().await["online_devices"], 200);
 
@@ -262,5 +336,49 @@ async fn pool_of_two_serves_five_hundred_sessions(b: Backend) {
     assert_eq!(stats["db_pool"]["size"], 2, "{stats}");
     assert_eq!(stats["db_pool"]["timeouts"], 0, "{stats}");
     assert_eq!(stats["db_pool"]["waits"], 0, "{stats}");
-    assert!(stats["db_pool"]["max_in_use"].as_u64().unwrap() <= 2, "{stats}");
+    assert!(
+        stats["db_pool"]["max_in_use"].as_u64().unwrap() <= 2,
+        "{stats}"
+    );
+}
+
+both_backends!(ten_thousand_acks_are_not_ten_thousand_commits);
+
+/// DESIGN.md invariant 5: acks (and delivery marks) are written in batches, so a burst of
+/// 10,000 acks — one frame each — takes far fewer than 10,000 transactions.
+async fn ten_thousand_acks_are_not_ten_thousand_commits(b: Backend) {
+    let app = spawn_app(b).await;
+    let key = app.service_key().await;
+    let devices = make_devices(&app, &key, 1, 10).await;
+    // 1,000 posts to the user while offline: 10,000 pending deliveries.
+    for chunk in (0..1000).collect::<Vec<_>>().chunks(50) {
+        let posts = chunk
+            .iter()
+            .map(|i| app.notify(&key, json!({"user_id": "user-0", "payload": i})));
+        for (status, body) in futures_util::future::join_all(posts).await {
+            assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        }
+    }
+    let before = app.stats().await["writes"]["transactions"]
+        .as_u64()
+        .unwrap();
+    let inbox: Inbox = Rc::default();
+    let sessions = futures_util::future::join_all(devices.iter().map(|d| app.connect(d))).await;
+    for (d, ws) in devices.iter().zip(sessions) {
+        spawn_reader(inbox.clone(), d.id.clone(), ws);
+    }
+    eventually("10,000 acks are stored", || async {
+        app.stats().await["notifications"]["acked"]
+            .as_u64()
+            .unwrap()
+            >= 10_000
+    })
+    .await;
+    let stats = app.stats().await;
+    let transactions = stats["writes"]["transactions"].as_u64().unwrap() - before;
+    eprintln!("10,000 acks and 10,000 delivery marks took {transactions} transactions");
+    assert!(
+        transactions < 1_000,
+        "{transactions} transactions for 10,000 acks: {stats}"
+    );
 }
