@@ -154,7 +154,7 @@ async fn replay_then_live_in_order_without_gaps(b: Backend) {
         let key = key.clone();
         let device = phone.id.clone();
         actix_web::rt::spawn(async move {
-            let http = awc::Client::default();
+            let http = http_client();
             let mut ids = Vec::new();
             for i in 700..1000 {
                 let mut res = http

@@ -158,9 +158,7 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeArgs)
     let port = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("server started");
-    let http = awc::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .finish();
+    let http = http_client();
     TestApp {
         port,
         base: format!("http://127.0.0.1:{port}"),
@@ -170,6 +168,18 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeArgs)
         thread: Some(thread),
         db,
     }
+}
+
+/// An HTTP client that drops idle connections before the server's 5 s keep-alive closes them,
+/// so a request never lands on a connection the server is closing.
+pub fn http_client() -> awc::Client {
+    let connector = awc::Connector::new()
+        .conn_keep_alive(Duration::from_secs(2))
+        .limit(200);
+    awc::Client::builder()
+        .connector(connector)
+        .timeout(Duration::from_secs(60))
+        .finish()
 }
 
 /// A device as its creator saw it.

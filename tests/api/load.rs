@@ -103,6 +103,24 @@ pub async fn post_many(
     concurrency: usize,
     seed: u64,
 ) -> (Vec<(String, Vec<String>)>, HashMap<u16, usize>) {
+    let (accepted, statuses, _) =
+        post_many_timed(app, key, devices, count, concurrency, seed).await;
+    (accepted, statuses)
+}
+
+/// `post_many`, also returning how long each post took to be answered, sorted.
+pub async fn post_many_timed(
+    app: &TestApp,
+    key: &str,
+    devices: &[Device],
+    count: usize,
+    concurrency: usize,
+    seed: u64,
+) -> (
+    Vec<(String, Vec<String>)>,
+    HashMap<u16, usize>,
+    Vec<Duration>,
+) {
     let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
     for d in devices {
         by_user
@@ -113,17 +131,17 @@ pub async fn post_many(
     let users: Vec<String> = by_user.keys().cloned().collect();
     let accepted = Rc::new(RefCell::new(Vec::new()));
     let statuses = Rc::new(RefCell::new(HashMap::new()));
+    let latencies = Rc::new(RefCell::new(Vec::new()));
     let mut tasks = Vec::new();
     for t in 0..concurrency {
         let per_task = count / concurrency + usize::from(t < count % concurrency);
-        let (accepted, statuses) = (accepted.clone(), statuses.clone());
+        let (accepted, statuses, latencies) =
+            (accepted.clone(), statuses.clone(), latencies.clone());
         let (base, key) = (app.base.clone(), key.to_owned());
         let ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
         let (users, by_user) = (users.clone(), by_user.clone());
         tasks.push(actix_web::rt::spawn(async move {
-            let http = awc::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .finish();
+            let http = http_client();
             let mut rng = Lcg(seed + t as u64);
             for i in 0..per_task {
                 let (body, targets) = if rng.next(2) == 0 {
@@ -144,12 +162,14 @@ pub async fn post_many(
                         two,
                     )
                 };
+                let sent = Instant::now();
                 let mut res = http
                     .post(format!("{base}/v1/notifications"))
                     .insert_header(("Authorization", format!("Bearer {key}")))
                     .send_json(&body)
                     .await
                     .expect("an answer");
+                latencies.borrow_mut().push(sent.elapsed());
                 *statuses
                     .borrow_mut()
                     .entry(res.status().as_u16())
@@ -169,7 +189,9 @@ pub async fn post_many(
     }
     let accepted = accepted.borrow().clone();
     let statuses = statuses.borrow().clone();
-    (accepted, statuses)
+    let mut latencies = latencies.borrow().clone();
+    latencies.sort();
+    (accepted, statuses, latencies)
 }
 
 /// Checks that every device received exactly its notifications (duplicates only across

@@ -39,7 +39,11 @@ async fn queue_pool_limit_reached_connection_timed_out_never_happens(b: Backend)
 
     let churn = async {
         let wait = Instant::now();
-        while app.stats().await["notifications"]["accepted"].as_u64().unwrap() < 1500 {
+        while app.stats().await["notifications"]["accepted"]
+            .as_u64()
+            .unwrap()
+            < 1500
+        {
             assert!(wait.elapsed() < Duration::from_secs(120), "posting stalled");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -58,10 +62,15 @@ async fn queue_pool_limit_reached_connection_timed_out_never_happens(b: Backend)
         dropped
     };
     let started = Instant::now();
-    let ((accepted, statuses), dropped) = tokio::join!(post_many(&app, &key, &devices, 5000, 100, 23), churn);
-    eprintln!("posted 5000 in {:?} with {dropped} sessions reset and reconnected", started.elapsed());
+    let ((accepted, statuses, latencies), dropped) =
+        tokio::join!(post_many_timed(&app, &key, &devices, 5000, 100, 23), churn);
+    let took = started.elapsed();
 
-    let server_errors: usize = statuses.iter().filter(|(s, _)| **s >= 500 && **s != 503).map(|(_, n)| n).sum();
+    let server_errors: usize = statuses
+        .iter()
+        .filter(|(s, _)| **s >= 500 && **s != 503)
+        .map(|(_, n)| n)
+        .sum();
     assert_eq!(server_errors, 0, "statuses: {statuses:?}");
     assert_eq!(
         statuses.get(&202).copied().unwrap_or(0) + statuses.get(&503).copied().unwrap_or(0),
@@ -75,7 +84,10 @@ async fn queue_pool_limit_reached_connection_timed_out_never_happens(b: Backend)
     let stats = app.pool_settles().await;
     assert_eq!(stats["db_pool"]["timeouts"], 0, "{stats}");
     assert_eq!(stats["db_pool"]["waits"], 0, "{stats}");
-    assert!(stats["db_pool"]["max_in_use"].as_u64().unwrap() <= 4, "{stats}");
+    assert!(
+        stats["db_pool"]["max_in_use"].as_u64().unwrap() <= 4,
+        "{stats}"
+    );
     let mut all: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
     all.sort();
     let mut online = Vec::new();
@@ -83,12 +95,34 @@ async fn queue_pool_limit_reached_connection_timed_out_never_happens(b: Backend)
     loop {
         let path = format!("/v1/presence?limit=1000{after}");
         let (_, page) = app.get(&path, &app.admin).await;
-        online.extend(page["devices"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap().to_owned()));
+        online.extend(
+            page["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["device_id"].as_str().unwrap().to_owned()),
+        );
         match page["next"].as_str() {
             Some(n) => after = format!("&after={n}"),
             None => break,
         }
     }
     online.sort();
-    assert_eq!(online, all, "presence differs from the sessions actually open");
+    assert_eq!(
+        online, all,
+        "presence differs from the sessions actually open"
+    );
+    // The figures docs/BENCHMARKS.md records for this scenario.
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    eprintln!(
+        "regression[{b:?}]: 5000 posts in {took:.2?} ({:.0}/s), {dropped} sessions reset and reconnected; \
+         statuses {statuses:?}; post answer p50 {:.1?} p99 {:.1?} max {:.1?}; db_pool {}; executor {}; writes {}",
+        5000.0 / took.as_secs_f64(),
+        pct(0.50),
+        pct(0.99),
+        latencies[latencies.len() - 1],
+        stats["db_pool"],
+        stats["executor"],
+        stats["writes"],
+    );
 }
