@@ -327,3 +327,60 @@ impl DbPool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every pooled SQLite connection gets the busy timeout, WAL and full fsync.
+    #[test]
+    fn every_pooled_sqlite_connection_is_tuned() {
+        #[derive(QueryableByName)]
+        struct Pragma {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            value: String,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let backend =
+            Backend::from_url(&format!("sqlite://{}", dir.path().join("t.db").display())).unwrap();
+        backend.migrate().unwrap();
+        let pool = DbPool::build(&backend, 3).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(pool.pool.get().unwrap());
+        }
+        for conn in &mut held {
+            let mut pragma = |sql: &str| {
+                diesel::sql_query(format!("SELECT CAST(({sql}) AS TEXT) AS value"))
+                    .get_result::<Pragma>(&mut **conn)
+                    .unwrap()
+                    .value
+            };
+            assert_eq!(pragma("SELECT * FROM pragma_busy_timeout"), "5000");
+            assert_eq!(pragma("SELECT * FROM pragma_journal_mode"), "wal");
+            assert_eq!(pragma("SELECT * FROM pragma_synchronous"), "2");
+            assert_eq!(pragma("SELECT * FROM pragma_foreign_keys"), "1");
+        }
+        assert_eq!(pool.snapshot().in_use, 3);
+        drop(held);
+        assert_eq!(pool.snapshot().in_use, 0);
+    }
+
+    #[test]
+    fn database_urls_are_recognised_or_refused() {
+        assert_eq!(
+            Backend::from_url("sqlite://herald.db").unwrap(),
+            Backend::Sqlite("herald.db".into())
+        );
+        assert_eq!(
+            Backend::from_url("sqlite:///var/lib/h.db").unwrap(),
+            Backend::Sqlite("/var/lib/h.db".into())
+        );
+        assert!(Backend::from_url("postgres://u@h/db").unwrap() != Backend::Sqlite("x".into()));
+        assert!(Backend::from_url("sqlite://:memory:").is_err());
+        let err = Backend::from_url("mysql://root:hunter2@h/db")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}
