@@ -42,6 +42,8 @@ pub enum StartError {
 pub struct Application {
     port: u16,
     server: Server,
+    presence: Addr<Presence>,
+    committer: Addr<Committer>,
 }
 
 impl Application {
@@ -65,8 +67,8 @@ impl Application {
         let committer = Committer::new(db.clone(), presence.clone(), counters.clone()).start();
         let state = web::Data::new(AppState {
             db,
-            presence,
-            committer,
+            presence: presence.clone(),
+            committer: committer.clone(),
             admin,
             counters,
             session: SessionConfig {
@@ -85,6 +87,7 @@ impl Application {
                 .configure(http::routes)
         })
         .backlog(LISTEN_BACKLOG)
+        .disable_signals()
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS);
         if let Some(n) = args.workers {
             server = server.workers(n.max(1));
@@ -100,7 +103,12 @@ impl Application {
             },
             args.db_pool_size
         );
-        Ok(Application { port, server })
+        Ok(Application {
+            port,
+            server,
+            presence,
+            committer,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -112,8 +120,21 @@ impl Application {
         self.server.handle()
     }
 
+    /// Serves until SIGTERM or SIGINT, then shuts down gracefully: stops accepting, closes every
+    /// session with 1001, lets in-flight requests finish and the Committer write what it holds.
     pub async fn run_until_stopped(self) -> io::Result<()> {
-        self.server.await
+        let Application {
+            server,
+            presence,
+            committer,
+            ..
+        } = self;
+        let handle = server.handle();
+        actix_web::rt::spawn(async move {
+            wait_for_signal().await;
+            shutdown(handle, presence, committer).await;
+        });
+        server.await
     }
 }
 
@@ -168,4 +189,45 @@ fn admin_credential(args: &ServeArgs, backend: &Backend) -> Result<AdminCredenti
         }
         Err(e) => Err(fail("cannot read", e)),
     }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            log::error!("cannot listen for signals; stop herald with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: shutting down"),
+            _ = int.recv() => log::info!("SIGINT: shutting down"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The graceful shutdown: no new connections, every session closed with 1001 (so devices show
+/// offline at once and reconnect elsewhere), in-flight requests finished, gathered writes written.
+async fn shutdown(
+    handle: actix_web::dev::ServerHandle,
+    presence: Addr<Presence>,
+    committer: Addr<Committer>,
+) {
+    use crate::actors::messages::{CloseAll, IsIdle};
+    let stopping = handle.stop(true);
+    let closed = presence.send(CloseAll).await.unwrap_or(0);
+    log::info!("closed {closed} session(s) with 1001");
+    let deadline = std::time::Instant::now() + Duration::from_secs(SHUTDOWN_TIMEOUT_SECS);
+    while std::time::Instant::now() < deadline && !committer.send(IsIdle).await.unwrap_or(true) {
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    stopping.await;
+    log::info!("herald stopped");
 }

@@ -432,3 +432,11 @@ impl Handler<RecordSeen> for Committer {
         self.wake(ctx);
     }
 }
+
+impl Handler<IsIdle> for Committer {
+    type Result = bool;
+
+    fn handle(&mut self, _: IsIdle, _: &mut Context<Self>) -> bool {
+        !self.writing && self.posts.is_empty() && self.next.is_empty()
+    }
+}

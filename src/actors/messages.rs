@@ -143,3 +143,13 @@ pub struct RecordSeen {
     pub device_id: String,
     pub at: i64,
 }
+
+/// Shutdown → Presence: close every session with 1001 and forget them all.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CloseAll;
+
+/// Shutdown → Committer: is everything gathered written?
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct IsIdle;

@@ -208,3 +208,19 @@ impl Handler<CountSessions> for Presence {
         self.devices.len()
     }
 }
+
+impl Handler<CloseAll> for Presence {
+    type Result = usize;
+
+    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) -> usize {
+        let n = self.devices.len();
+        for (_, online) in std::mem::take(&mut self.devices) {
+            online.addr.do_send(CloseSession {
+                code: close::GOING_AWAY,
+                reason: "server shutting down",
+            });
+        }
+        self.users.clear();
+        n
+    }
+}

@@ -92,7 +92,7 @@ pub async fn post(
     let (user_ids, device_ids, payload, ttl_ms) = validate(parse_json(&bytes)?)?;
     let request_hash = idempotency_key
         .as_ref()
-        .map(|_| hex::encode(Sha256::digest(&bytes)));
+        .map(|_| request_fingerprint(&bytes));
     let post = PostInput {
         id: new_id(),
         poster: who.poster(),
@@ -120,6 +120,15 @@ pub async fn post(
         Ok(a) => Ok(HttpResponse::Accepted().json(a)),
         Err(why) => Err(rejection(why)),
     }
+}
+
+/// SHA-256 of the body in a canonical form (keys sorted, no whitespace), so a retry of the same
+/// request matches its first try however the client spaced or ordered it.
+fn request_fingerprint(body: &[u8]) -> String {
+    let canonical = serde_json::from_slice::<serde_json::Value>(body)
+        .map(|v| v.to_string().into_bytes())
+        .unwrap_or_else(|_| body.to_vec());
+    hex::encode(Sha256::digest(&canonical))
 }
 
 fn rejection(why: PostRejection) -> ApiError {
