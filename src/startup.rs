@@ -115,26 +115,23 @@ impl Application {
         self.port
     }
 
-    /// A handle that stops the server.
-    pub fn handle(&self) -> actix_web::dev::ServerHandle {
-        self.server.handle()
+    /// A handle that shuts the node down gracefully, as SIGTERM does.
+    pub fn handle(&self) -> StopHandle {
+        StopHandle {
+            server: self.server.handle(),
+            presence: self.presence.clone(),
+            committer: self.committer.clone(),
+        }
     }
 
-    /// Serves until SIGTERM or SIGINT, then shuts down gracefully: stops accepting, closes every
-    /// session with 1001, lets in-flight requests finish and the Committer write what it holds.
+    /// Serves until SIGTERM or SIGINT (or [`StopHandle::stop`]), then shuts down gracefully.
     pub async fn run_until_stopped(self) -> io::Result<()> {
-        let Application {
-            server,
-            presence,
-            committer,
-            ..
-        } = self;
-        let handle = server.handle();
+        let stop = self.handle();
         actix_web::rt::spawn(async move {
             wait_for_signal().await;
-            shutdown(handle, presence, committer).await;
+            stop.stop().await;
         });
-        server.await
+        self.server.await
     }
 }
 
@@ -213,21 +210,28 @@ async fn wait_for_signal() {
     }
 }
 
-/// The graceful shutdown: no new connections, every session closed with 1001 (so devices show
-/// offline at once and reconnect elsewhere), in-flight requests finished, gathered writes written.
-async fn shutdown(
-    handle: actix_web::dev::ServerHandle,
+/// Stops a node: no new connections, every session closed with 1001 (so devices show offline at
+/// once and reconnect elsewhere), in-flight requests finished, gathered writes written.
+#[derive(Clone)]
+pub struct StopHandle {
+    server: actix_web::dev::ServerHandle,
     presence: Addr<Presence>,
     committer: Addr<Committer>,
-) {
-    use crate::actors::messages::{CloseAll, IsIdle};
-    let stopping = handle.stop(true);
-    let closed = presence.send(CloseAll).await.unwrap_or(0);
-    log::info!("closed {closed} session(s) with 1001");
-    let deadline = std::time::Instant::now() + Duration::from_secs(SHUTDOWN_TIMEOUT_SECS);
-    while std::time::Instant::now() < deadline && !committer.send(IsIdle).await.unwrap_or(true) {
-        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+}
+
+impl StopHandle {
+    pub async fn stop(&self) {
+        use crate::actors::messages::{CloseAll, IsIdle};
+        let stopping = self.server.stop(true);
+        let closed = self.presence.send(CloseAll).await.unwrap_or(0);
+        log::info!("closed {closed} session(s) with 1001");
+        let deadline = std::time::Instant::now() + Duration::from_secs(SHUTDOWN_TIMEOUT_SECS);
+        while std::time::Instant::now() < deadline
+            && !self.committer.send(IsIdle).await.unwrap_or(true)
+        {
+            actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        stopping.await;
+        log::info!("herald stopped");
     }
-    stopping.await;
-    log::info!("herald stopped");
 }

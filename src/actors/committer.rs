@@ -64,6 +64,8 @@ pub struct Committer {
     idem: HashMap<(String, String), Idem>,
     /// The idempotency entry each pending `delivered_now` write will release.
     idem_seqs: HashMap<i64, (String, String)>,
+    /// Replies owed once the writes gathered before they were asked for are committed.
+    barriers: Vec<oneshot::Sender<()>>,
     writing: bool,
     flush_queued: bool,
 }
@@ -82,6 +84,7 @@ impl Committer {
             next: WriteBatch::default(),
             idem: HashMap::new(),
             idem_seqs: HashMap::new(),
+            barriers: Vec::new(),
             writing: false,
             flush_queued: false,
         }
@@ -315,11 +318,16 @@ impl Handler<Flush> for Committer {
 
     fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
         self.flush_queued = false;
-        if self.writing || (self.posts.is_empty() && self.next.is_empty()) {
+        if self.writing {
             return;
         }
+        let barriers = std::mem::take(&mut self.barriers);
         let (batch, waiting) = self.take_batch();
-        if batch.is_empty() {
+        if batch.is_empty() && waiting.is_empty() {
+            // Everything asked for before these barriers is already written.
+            for b in barriers {
+                let _ = b.send(());
+            }
             return;
         }
         self.writing = true;
@@ -337,6 +345,11 @@ impl Handler<Flush> for Committer {
                 act.writing = false;
                 let batch = Arc::try_unwrap(batch).unwrap_or_default();
                 act.finish(batch, waiting, res, ctx);
+                // Even after a failed batch: its acks are queued again, and a replay that runs
+                // now at worst sends a notification once more (delivery is at least once).
+                for b in barriers {
+                    let _ = b.send(());
+                }
                 act.wake(ctx);
             })
             .spawn(ctx);
@@ -438,5 +451,18 @@ impl Handler<IsIdle> for Committer {
 
     fn handle(&mut self, _: IsIdle, _: &mut Context<Self>) -> bool {
         !self.writing && self.posts.is_empty() && self.next.is_empty()
+    }
+}
+
+impl Handler<AfterWrites> for Committer {
+    type Result = ();
+
+    fn handle(&mut self, msg: AfterWrites, ctx: &mut Context<Self>) {
+        if !self.writing && self.posts.is_empty() && self.next.is_empty() {
+            let _ = msg.reply.send(());
+            return;
+        }
+        self.barriers.push(msg.reply);
+        self.wake(ctx);
     }
 }

@@ -153,3 +153,11 @@ pub struct CloseAll;
 #[derive(Message)]
 #[rtype(result = "bool")]
 pub struct IsIdle;
+
+/// Session → Committer: answer once everything already gathered (this device's acks from an
+/// earlier session, say) is written, so a replay read after it sees them.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AfterWrites {
+    pub reply: oneshot::Sender<()>,
+}

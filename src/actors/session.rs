@@ -236,7 +236,17 @@ impl Session {
         let after = self.last_seq;
         let db = self.deps.db.clone();
         let deadline = db.deadline();
+        // The first read waits for acks still being written (from this device's last session),
+        // so an acked notification is never replayed.
+        let barrier = (after == 0).then(|| {
+            let (reply, done) = tokio::sync::oneshot::channel();
+            self.deps.committer.do_send(AfterWrites { reply });
+            done
+        });
         async move {
+            if let Some(done) = barrier {
+                let _ = tokio::time::timeout_at(deadline.into(), done).await;
+            }
             db.read(deadline, move |c| {
                 Ok(queries::pending_for_device(
                     c,

@@ -151,7 +151,7 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeArgs)
             tx.send(app.port()).unwrap();
             let server = actix_web::rt::spawn(app.run_until_stopped());
             let _ = stopped.await;
-            handle.stop(false).await;
+            handle.stop().await;
             let _ = server.await;
         });
     });
@@ -496,7 +496,12 @@ impl WsClient {
                 reason: "bye".into(),
             }))
             .await;
-        while let Ok(Some(Ok(_))) = tokio::time::timeout(PATIENCE, self.stream.next()).await {}
+        // Done when the server's close frame arrives (the server may hold TCP open a moment longer).
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(PATIENCE, self.stream.next()).await {
+            if m.is_close() {
+                break;
+            }
+        }
     }
 
     /// Drops the connection with a TCP reset: no close frame, no FIN.

@@ -232,27 +232,6 @@ async fn connect_with_query_token(app: &TestApp, token: &str) -> Result<WsClient
     connect_request(app.socket_addr(), req).await
 }
 
-/// A GET whose answer is text, not JSON: status, content type and body.
-async fn get_text(app: &TestApp, path: &str, token: Option<&str>) -> (StatusCode, String, String) {
-    let mut req = app.http.get(app.url(path));
-    if let Some(t) = token {
-        req = req.insert_header(("Authorization", format!("Bearer {t}")));
-    }
-    let mut res = req.send().await.expect("an answer");
-    let body = res.body().limit(16 << 20).await.expect("a body");
-    let ctype = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    (
-        res.status(),
-        ctype,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
-}
-
 /// The status of a notification, as `key` sees it.
 async fn status_of(app: &TestApp, key: &str, id: &str) -> Value {
     let (status, body) = app.get(&format!("/v1/notifications/{id}"), key).await;

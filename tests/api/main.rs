@@ -4,10 +4,12 @@
 
 mod helpers;
 
-mod delivery;
-mod load;
-mod regression;
 mod cli;
+mod delivery;
 mod http_api;
+mod invariants;
+mod load;
+mod outage;
 mod protocol;
+mod regression;
 mod sessions;

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::both_backends;
 use crate::helpers::*;
-use crate::sessions::{assert_alive, assert_offline, is_online};
+use crate::sessions::{assert_alive, assert_offline, close_politely, is_online};
 
 both_backends!(
     ping_gets_pong,
@@ -40,7 +40,10 @@ async fn expect_error_frame(ws: &mut WsClient, sent: &str) -> String {
     let v = ws.recv_json().await;
     assert_eq!(v["type"], "error", "after {sent:?} got {v}");
     let code = v["code"].as_str().unwrap_or_default();
-    assert!(!code.is_empty(), "after {sent:?}: error without a code: {v}");
+    assert!(
+        !code.is_empty(),
+        "after {sent:?}: error without a code: {v}"
+    );
     assert!(
         v["message"].as_str().is_some_and(|m| !m.is_empty()),
         "after {sent:?}: error without a message: {v}"
@@ -158,11 +161,7 @@ async fn binary_frame_closes_with_1003(b: Backend) {
     let key = app.service_key().await;
     let phone = app.device(&key, "alice").await;
     let mut ws = app.connect(&phone).await;
-    send_raw(
-        &mut ws,
-        Message::binary(br#"{"type":"ping"}"#.to_vec()),
-    )
-    .await;
+    send_raw(&mut ws, Message::binary(br#"{"type":"ping"}"#.to_vec())).await;
     assert_eq!(ws.expect_close().await, Some(1003));
     assert_offline(&app, &phone).await;
     app.pool_settles().await;
@@ -179,7 +178,7 @@ async fn oversized_text_frame_closes_with_1009(b: Backend) {
     ws.send_text(&under).await;
     assert_eq!(ws.recv_json().await, json!({"type": "pong"}));
 
-    let over = format!("{{\"type\":\"ping\"{}}}", " ".repeat(4096 - 16));
+    let over = format!("{{\"type\":\"ping\"{}}}", " ".repeat(4096 - 15));
     assert_eq!(over.len(), 4096);
     send_raw(&mut ws, Message::text(over)).await;
     assert_eq!(ws.expect_close().await, Some(1009));
@@ -189,7 +188,11 @@ async fn oversized_text_frame_closes_with_1009(b: Backend) {
 
 fn fragment(data: &str, first: bool, last: bool) -> Message {
     let op = if first { Data::Text } else { Data::Continue };
-    Message::Frame(Frame::message(data.as_bytes().to_vec(), OpCode::Data(op), last))
+    Message::Frame(Frame::message(
+        data.as_bytes().to_vec(),
+        OpCode::Data(op),
+        last,
+    ))
 }
 
 async fn fragmented_text_messages_are_reassembled(b: Backend) {
@@ -211,7 +214,9 @@ async fn fragmented_text_messages_are_reassembled(b: Backend) {
     assert_eq!(ws.recv_json().await, json!({"type": "pong"}));
 
     // An ack in two fragments works like one in a single frame.
-    let id = app.notify_device(&key, &phone, json!("fragmented ack")).await;
+    let id = app
+        .notify_device(&key, &phone, json!("fragmented ack"))
+        .await;
     assert_eq!(ws.recv_notification().await["id"], id.as_str());
     let ack = json!({"type": "ack", "ids": [id]}).to_string();
     let (head, tail) = ack.split_at(ack.len() / 2);
@@ -256,8 +261,11 @@ async fn acking_unknown_or_foreign_ids_does_nothing(b: Backend) {
 
     // Alice acks bob's notification and ids that do not exist: no error, session up.
     ws.ack(&[&their_id]).await;
-    ws.ack(&["00000000-0000-0000-0000-000000000000", "no-such-notification"])
-        .await;
+    ws.ack(&[
+        "00000000-0000-0000-0000-000000000000",
+        "no-such-notification",
+    ])
+    .await;
     ws.ack(&[&their_id, "also-unknown"]).await;
     expect_pong(&mut ws).await;
     // Then her own: once that is stored, the acks before it have been handled too.
@@ -273,7 +281,7 @@ async fn acking_unknown_or_foreign_ids_does_nothing(b: Backend) {
     expect_pong(&mut ws).await;
 
     // Bob still gets it again on his next session: it was never acked.
-    other.close().await;
+    close_politely(other).await;
     let mut other = app.connect(&theirs).await;
     assert_eq!(other.recv_notification().await["id"], their_id.as_str());
 }
@@ -306,7 +314,7 @@ async fn ack_is_idempotent(b: Backend) {
         "two notifications acked, however often: {stats}"
     );
 
-    ws.close().await;
+    close_politely(ws).await;
     let mut ws = app.connect(&phone).await;
     ws.expect_silence(Duration::from_millis(300)).await;
 }
@@ -322,12 +330,12 @@ async fn acked_then_reconnect_at_once_is_not_redelivered(b: Backend) {
         let mut ws = app.connect(&phone).await;
         assert_eq!(ws.recv_notification().await["id"], id.as_str());
         ws.ack(&[&id]).await;
-        ws.close().await;
+        close_politely(ws).await;
         let mut ws = app.connect(&phone).await;
         if let Some(e) = ws.next_event_within(Duration::from_millis(300)).await {
             panic!("round {round}: acked notification {id} came again: {e:?}");
         }
-        ws.close().await;
+        close_politely(ws).await;
     }
 }
 

@@ -7,7 +7,11 @@ use std::time::{Duration, Instant};
 
 use awc::http::StatusCode;
 use futures_util::future::{join, join_all};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Value};
+
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use crate::both_backends;
 use crate::helpers::*;
@@ -21,6 +25,10 @@ both_backends!(
     revocation_closes_with_4001_and_goes_offline,
     churn_leaves_presence_exact_and_pool_idle,
     post_right_after_hello_is_delivered_live,
+    concurrent_sessions_of_one_device_leave_exactly_one,
+    reset_before_hello_leaves_nothing_behind,
+    reset_during_replay_releases_everything,
+    server_shutdown_closes_sessions_with_1001,
 );
 
 /// The presence entries of `device` in the first page of `/v1/presence`.
@@ -79,6 +87,24 @@ pub(crate) async fn assert_alive(ws: &mut WsClient) {
     }
 }
 
+/// Closes with a 1000 close frame and waits for the server's close frame (1000 too), then drops
+/// the socket. (Unlike `WsClient::close`, it does not wait for the server to close the TCP
+/// connection, which actix does only when the client closes or a second later.)
+pub(crate) async fn close_politely(mut ws: WsClient) {
+    ws.stream
+        .close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }))
+        .await
+        .expect("the close frame is sent");
+    assert_eq!(
+        ws.expect_close().await,
+        Some(1000),
+        "the server echoes 1000"
+    );
+}
+
 /// Waits until the node has noticed that `device`'s session is gone.
 async fn eventually_offline(app: &TestApp, device: &Device, how: &str) {
     eventually(&format!("the device is offline after {how}"), || async {
@@ -93,7 +119,7 @@ async fn close_frame_leaves_device_offline(b: Backend) {
     let phone = app.device(&key, "alice").await;
     let bystander = app.device(&key, "bob").await;
     let mut other = app.connect(&bystander).await;
-    let mut ws = app.connect(&phone).await;
+    let ws = app.connect(&phone).await;
     let entries = presence_entries(&app, &phone).await;
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(entries[0]["user_id"], "alice");
@@ -102,16 +128,7 @@ async fn close_frame_leaves_device_offline(b: Backend) {
     assert_eq!(p["online_devices"], 2, "{p}");
     assert_eq!(p["online_users"], 2, "{p}");
 
-    ws.stream
-        .close(Some(
-            tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
-                reason: "bye".into(),
-            },
-        ))
-        .await
-        .expect("the close frame is sent");
-    assert_eq!(ws.expect_close().await, Some(1000), "the server echoes 1000");
+    close_politely(ws).await;
 
     // At once: no waiting for the server to notice.
     assert_offline(&app, &phone).await;
@@ -138,7 +155,10 @@ async fn tcp_reset_leaves_device_offline(b: Backend) {
     assert_offline(&app, &phone).await;
     assert_eq!(app.online_ids().await, vec![bystander.id.clone()]);
     let p = app.presence().await;
-    assert_eq!(p["online_users"], 1, "alice is still online on another device: {p}");
+    assert_eq!(
+        p["online_users"], 1,
+        "alice is still online on another device: {p}"
+    );
     let stats = app.pool_settles().await;
     assert_eq!(stats["sessions"], 1, "{stats}");
     assert_alive(&mut other).await;
@@ -207,7 +227,10 @@ async fn heartbeat_timeout_closes_the_silent_session_only(b: Backend) {
         "a silent client must be dropped after about two intervals (200 ms each), took {gone_after:?}"
     );
     assert_offline(&app, &silent).await;
-    assert!(is_online(&app, &lively).await, "the lively client went offline");
+    assert!(
+        is_online(&app, &lively).await,
+        "the lively client went offline"
+    );
     assert_alive(&mut lively_ws).await;
 
     // The silent client's socket was closed by the server. (Its close code is not checked: the
@@ -274,7 +297,7 @@ async fn new_session_replaces_the_old_one_with_4002(b: Backend) {
     assert_eq!(stats["sessions"], 1, "{stats}");
 
     // The new session ending takes the device offline.
-    second.close().await;
+    close_politely(second).await;
     assert_offline(&app, &phone).await;
     app.pool_settles().await;
 }
@@ -325,7 +348,7 @@ async fn churn_leaves_presence_exact_and_pool_idle(b: Backend) {
             let ws = app.connect(d).await;
             match (batch + i) % 3 {
                 0 => ws.reset(),
-                1 => ws.close().await,
+                1 => close_politely(ws).await,
                 _ => drop(ws),
             }
         });
@@ -354,11 +377,15 @@ async fn churn_leaves_presence_exact_and_pool_idle(b: Backend) {
     let stats = app.pool_settles().await;
     assert_eq!(stats["sessions"], expected.len(), "{stats}");
     assert_eq!(stats["db_pool"]["in_use"], 0, "{stats}");
-    assert_eq!(app.online_ids().await, expected, "presence moved afterwards");
+    assert_eq!(
+        app.online_ids().await,
+        expected,
+        "presence moved afterwards"
+    );
 
     // Closing the rest leaves nobody.
     for ws in open {
-        ws.close().await;
+        close_politely(ws).await;
     }
     assert!(app.online_ids().await.is_empty());
     app.pool_settles().await;
@@ -376,7 +403,7 @@ async fn post_right_after_hello_is_delivered_live(b: Backend) {
         if i % 2 == 0 {
             // A fresh device.
             if let Some(ws) = previous.take() {
-                ws.close().await;
+                close_politely(ws).await;
             }
             device = app.device(&key, "quick").await;
             earlier.clear();
@@ -410,8 +437,151 @@ async fn post_right_after_hello_is_delivered_live(b: Backend) {
         }
     }
     if let Some(ws) = previous.take() {
-        ws.close().await;
+        close_politely(ws).await;
     }
     assert!(app.online_ids().await.is_empty());
     app.pool_settles().await;
+}
+
+/// Eight sessions of one device opened at once: seven are closed with 4002, one survives, and
+/// presence shows the device once, with notifications going to the survivor.
+async fn concurrent_sessions_of_one_device_leave_exactly_one(b: Backend) {
+    const N: usize = 8;
+    let app = spawn_app(b).await;
+    let key = app.service_key().await;
+    let phone = app.device(&key, "alice").await;
+    let app = &app;
+    let mut sockets: Vec<WsClient> = join_all((0..N).map(|_| async {
+        let mut ws = app
+            .connect_raw(&phone.token)
+            .await
+            .expect("the upgrade succeeds");
+        // `hello` comes first even on a session that is replaced straight away.
+        let hello = ws.recv_json().await;
+        assert_eq!(hello["type"], "hello", "{hello}");
+        ws.hello = hello;
+        ws
+    }))
+    .await;
+
+    let mut closed = [false; N];
+    {
+        let mut ends: FuturesUnordered<_> = sockets
+            .iter_mut()
+            .enumerate()
+            .map(|(i, ws)| async move { (i, ws.next_event_within(PATIENCE).await) })
+            .collect();
+        for _ in 0..N - 1 {
+            let (i, event) = ends.next().await.unwrap();
+            match event {
+                Some(Event::Close(code)) => assert_eq!(code, Some(4002), "session {i}"),
+                other => panic!("{} sessions still open; session {i} saw {other:?}", N - 1),
+            }
+            closed[i] = true;
+        }
+    }
+    let survivor = closed.iter().position(|c| !c).unwrap();
+    let mut ws = sockets.swap_remove(survivor);
+    assert_alive(&mut ws).await;
+    let entries = presence_entries(app, &phone).await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(app.presence().await["online_devices"], 1);
+    let (status, posted) = app
+        .notify(
+            &key,
+            json!({"device_ids": [phone.id], "payload": "survivor"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{posted}");
+    assert_eq!(posted["delivered_now"], 1, "{posted}");
+    assert_eq!(ws.recv_notification().await["id"], posted["id"]);
+    let stats = app.pool_settles().await;
+    assert_eq!(stats["sessions"], 1, "{stats}");
+    close_politely(ws).await;
+    assert_offline(app, &phone).await;
+}
+
+/// Sockets reset right after the upgrade, before `hello` could be read (the session may still be
+/// registering): nothing stays online and no connection stays checked out.
+async fn reset_before_hello_leaves_nothing_behind(b: Backend) {
+    let app = spawn_app(b).await;
+    let key = app.service_key().await;
+    let mut devices = Vec::new();
+    for i in 0..10 {
+        devices.push(app.device(&key, &format!("hasty-{i}")).await);
+    }
+    let app = &app;
+    for _ in 0..5 {
+        join_all(devices.iter().map(|d| async move {
+            let ws = app
+                .connect_raw(&d.token)
+                .await
+                .expect("the upgrade succeeds");
+            ws.reset();
+        }))
+        .await;
+    }
+    eventually("every hasty device is offline", || async {
+        app.online_ids().await.is_empty()
+    })
+    .await;
+    let stats = app.pool_settles().await;
+    assert_eq!(stats["sessions"], 0, "{stats}");
+    // The devices still work.
+    let mut ws = app.connect(&devices[0]).await;
+    assert_alive(&mut ws).await;
+    assert_eq!(app.online_ids().await, vec![devices[0].id.clone()]);
+}
+
+/// A device with a long backlog drops its socket (reset or FIN) in the middle of its replay, over
+/// and over: it goes offline, nothing stays checked out, and its next session still gets the
+/// whole backlog in order.
+async fn reset_during_replay_releases_everything(b: Backend) {
+    const BACKLOG: usize = 600;
+    let app = spawn_app(b).await;
+    let key = app.service_key().await;
+    let phone = app.device(&key, "backlogged").await;
+    let mut ids = Vec::new();
+    for i in 0..BACKLOG {
+        ids.push(app.notify_device(&key, &phone, json!(i)).await);
+    }
+    for round in 0..10 {
+        let mut ws = app.connect(&phone).await;
+        // Read a little of the replay, then vanish.
+        for _ in 0..round * 7 {
+            ws.recv_notification().await;
+        }
+        if round % 2 == 0 {
+            ws.reset();
+        } else {
+            drop(ws);
+        }
+    }
+    eventually_offline(&app, &phone, "resets during replay").await;
+    let stats = app.pool_settles().await;
+    assert_eq!(stats["sessions"], 0, "{stats}");
+
+    let mut ws = app.connect(&phone).await;
+    for (i, id) in ids.iter().enumerate() {
+        let got = ws.recv_notification().await;
+        assert_eq!(got["id"], id.as_str(), "notification {i}");
+    }
+    ws.expect_silence(Duration::from_millis(200)).await;
+    app.pool_settles().await;
+}
+
+/// API.md: close code 1001 means the server is shutting down. Stopping the node closes its
+/// sessions with 1001 rather than just dropping their sockets.
+async fn server_shutdown_closes_sessions_with_1001(b: Backend) {
+    let app = spawn_app(b).await;
+    let key = app.service_key().await;
+    let phone = app.device(&key, "alice").await;
+    let laptop = app.device(&key, "bob").await;
+    let mut a = app.connect(&phone).await;
+    let mut c = app.connect(&laptop).await;
+    // Stops the node (the harness's stop) and waits for its thread; the close frames wait in the
+    // clients' sockets.
+    drop(app);
+    assert_eq!(a.expect_close().await, Some(1001), "shutdown close code");
+    assert_eq!(c.expect_close().await, Some(1001), "shutdown close code");
 }
