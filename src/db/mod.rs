@@ -177,6 +177,27 @@ pub fn write_tx<R>(
     }
 }
 
+thread_local! {
+    /// Set by a job on this thread whose connection was lost; consumed by `has_broken` when the
+    /// connection is handed back (which happens on the same thread, as the job ends).
+    static CONNECTION_LOST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a query failed because the connection itself is gone.
+fn is_connection_lost(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind as K, Error as Q};
+    match e {
+        Q::DatabaseError(K::ClosedConnection | K::UnableToSendCommand, _) => true,
+        Q::DatabaseError(_, info) => {
+            let m = info.message();
+            m.contains("server closed the connection")
+                || m.contains("terminating connection")
+                || m.contains("no connection to the server")
+        }
+        _ => false,
+    }
+}
+
 /// Counters of the pool, shared with `/v1/stats`. `in_use`/`idle` come from r2d2's own state.
 #[derive(Debug, Default)]
 pub struct PoolCounters {
@@ -217,10 +238,15 @@ impl r2d2::ManageConnection for Manager {
         conn.batch_execute("SELECT 1").map_err(ConnectError::Setup)
     }
 
-    /// A connection handed back inside a transaction (a handler that panicked half-way) or whose
-    /// transaction state is broken is thrown away rather than reused.
+    /// A connection is thrown away rather than reused when the job that used it lost the
+    /// connection itself (the server went away), or handed it back inside a transaction (a
+    /// handler that panicked half-way) or with a broken transaction state. This replaces a
+    /// `SELECT 1` on every checkout: a dead connection costs one failed job, then is replaced.
     fn has_broken(&self, conn: &mut DbConn) -> bool {
         use diesel::connection::TransactionManagerStatus;
+        if CONNECTION_LOST.with(|lost| lost.replace(false)) {
+            return true;
+        }
         match <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn) {
             TransactionManagerStatus::Valid(v) => v.transaction_depth().is_some(),
             TransactionManagerStatus::InError => true,
@@ -287,15 +313,16 @@ impl DbPool {
             .max_size(size)
             .min_idle(Some(size))
             .connection_timeout(POOL_CONNECTION_TIMEOUT)
-            .test_on_check_out(true)
+            .test_on_check_out(false)
             .idle_timeout(None)
             .max_lifetime(None)
             .connection_customizer(Box::new(Customizer))
             .error_handler(Box::new(QuietErrors))
             .event_handler(Box::new(PoolEvents(counters.clone())))
-            .build_unchecked(Manager {
+            .build(Manager {
                 backend: backend.clone(),
-            });
+            })
+            .map_err(|e| ConnectError::Pool(e.to_string()))?;
         Ok(DbPool { pool, counters })
     }
 
@@ -311,7 +338,15 @@ impl DbPool {
             .pool
             .get()
             .map_err(|e| DbError::Unavailable(e.to_string()))?;
-        f(&mut conn)
+        let result = f(&mut conn);
+        if let Err(DbError::Query(e)) = &result {
+            if is_connection_lost(e) {
+                // Read by `has_broken` when `conn` is dropped below, on this same thread.
+                CONNECTION_LOST.with(|lost| lost.set(true));
+            }
+        }
+        drop(conn);
+        result
     }
 
     pub fn snapshot(&self) -> PoolSnapshot {
