@@ -13,6 +13,8 @@ pub const DEFAULT_DB_DEADLINE_MS: u64 = 3_000;
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 15_000;
 pub const DEFAULT_WS_MAX_FRAME_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 512 * 1024;
+pub const DEFAULT_RETENTION_SECONDS: u64 = 86_400;
+pub const DEFAULT_PURGE_INTERVAL_MS: u64 = 60_000;
 
 /// A secret from the command line or environment; `Debug` never shows it.
 #[derive(Clone)]
@@ -87,6 +89,15 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
 
+    /// How long a notification is kept after it expires (with its delivery states, for the
+    /// status API) before it is purged.
+    #[arg(long, env = "HERALD_RETENTION_SECONDS", default_value_t = DEFAULT_RETENTION_SECONDS)]
+    pub retention_seconds: u64,
+
+    /// How often expired notifications past their retention are purged (in batches).
+    #[arg(long, env = "HERALD_PURGE_INTERVAL_MS", default_value_t = DEFAULT_PURGE_INTERVAL_MS)]
+    pub purge_interval_ms: u64,
+
     /// HTTP worker threads [default: one per CPU core].
     #[arg(long, env = "HERALD_WORKERS")]
     pub workers: Option<usize>,
@@ -108,6 +119,8 @@ impl ServeArgs {
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             ws_max_frame_bytes: DEFAULT_WS_MAX_FRAME_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            retention_seconds: DEFAULT_RETENTION_SECONDS,
+            purge_interval_ms: DEFAULT_PURGE_INTERVAL_MS,
             workers: None,
         }
     }

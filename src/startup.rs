@@ -10,16 +10,19 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::dev::Server;
+use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 
 use crate::actors::committer::Committer;
 use crate::actors::db::Db;
 use crate::actors::presence::Presence;
+use crate::actors::purger::Purger;
 use crate::actors::session::SessionConfig;
 use crate::config::ServeArgs;
 use crate::db::{Backend, ConnectError};
 use crate::domain::{generate_secret, SecretKind};
 use crate::http::{self, AdminCredential, AppState};
+use crate::metrics::Metrics;
 use crate::stats::Counters;
 
 /// Name of the generated admin token file.
@@ -56,21 +59,31 @@ impl Application {
             log::info!("applied {ran} migration(s)");
         }
         let admin = admin_credential(&args, &backend)?;
+        let metrics = Arc::new(Metrics::new());
         let db = Db::start(
             &backend,
             args.db_pool_size,
             args.db_queue_limit,
             Duration::from_millis(args.db_deadline_ms),
+            &metrics.job_duration,
         )?;
         let counters = Arc::new(Counters::default());
         let presence = Presence::default().start();
         let committer = Committer::new(db.clone(), presence.clone(), counters.clone()).start();
+        Purger::new(
+            db.clone(),
+            metrics.clone(),
+            Duration::from_millis(args.purge_interval_ms.max(10)),
+            Duration::from_secs(args.retention_seconds),
+        )
+        .start();
         let state = web::Data::new(AppState {
             db,
             presence: presence.clone(),
             committer: committer.clone(),
             admin,
             counters,
+            metrics: metrics.clone(),
             session: SessionConfig {
                 heartbeat: args.heartbeat(),
                 max_frame_bytes: args.ws_max_frame_bytes,
@@ -81,7 +94,22 @@ impl Application {
         let listener = TcpListener::bind(&args.bind)?;
         let port = listener.local_addr()?.port();
         let mut server = HttpServer::new(move || {
+            let metrics = metrics.clone();
             App::new()
+                .wrap_fn(move |req, srv| {
+                    // Label by route pattern, never by raw path: bounded and free of ids.
+                    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+                    let metrics = metrics.clone();
+                    let answer = srv.call(req);
+                    async move {
+                        let res = answer.await?;
+                        metrics
+                            .http_requests
+                            .with_label_values(&[&route, res.status().as_str()])
+                            .inc();
+                        Ok(res)
+                    }
+                })
                 .app_data(state.clone())
                 .app_data(http::query_config())
                 .configure(http::routes)

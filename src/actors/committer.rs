@@ -168,6 +168,7 @@ impl Committer {
         Counters::add(&self.counters.delivered, result.delivered);
         Counters::add(&self.counters.acked, result.acked);
 
+        let committed_at = Instant::now();
         let mut published = Vec::new();
         let mut to_answer = Vec::new();
         for (w, outcome) in waiting.into_iter().zip(result.posts) {
@@ -187,6 +188,7 @@ impl Committer {
                             seq,
                             expires_at,
                             frame: frame.into(),
+                            committed_at,
                         },
                         device_ids,
                     ));

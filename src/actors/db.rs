@@ -23,6 +23,8 @@ use crate::db::{Backend, ConnectError, DbConn, DbError, DbPool, PoolSnapshot};
 /// One executor thread and the pool handle it borrows connections from.
 pub struct DbExecutor {
     pool: DbPool,
+    /// Time each job holds this thread and its connection.
+    job_duration: prometheus::Histogram,
 }
 
 impl Actor for DbExecutor {
@@ -61,6 +63,7 @@ impl<R: Send + 'static> Handler<Job<R>> for DbExecutor {
             _ => return Err(JobError::Timeout),
         };
         let pool = &self.pool;
+        let _timer = self.job_duration.start_timer();
         match catch_unwind(AssertUnwindSafe(|| pool.with_conn(work))) {
             Ok(result) => result.map_err(JobError::from),
             Err(_) => {
@@ -127,9 +130,14 @@ struct Executor {
 }
 
 impl Executor {
-    fn start(name: &'static str, threads: usize, pool: &DbPool) -> Self {
+    fn start(
+        name: &'static str,
+        threads: usize,
+        pool: &DbPool,
+        job_duration: &prometheus::Histogram,
+    ) -> Self {
         let queue = Arc::new(QueueCounters::default());
-        let pool = pool.clone();
+        let (pool, job_duration) = (pool.clone(), job_duration.clone());
         let mut n = 0;
         let addr = SyncArbiter::start_with_thread_builder(
             threads,
@@ -137,7 +145,10 @@ impl Executor {
                 n += 1;
                 std::thread::Builder::new().name(format!("herald-db-{name}-{n}"))
             },
-            move || DbExecutor { pool: pool.clone() },
+            move || DbExecutor {
+                pool: pool.clone(),
+                job_duration: job_duration.clone(),
+            },
         );
         Executor { addr, queue }
     }
@@ -164,14 +175,15 @@ impl Db {
         pool_size: u32,
         queue_limit: u64,
         deadline: Duration,
+        job_duration: &prometheus::Histogram,
     ) -> Result<Db, ConnectError> {
         let pool_size = pool_size.max(1);
         let pool = DbPool::build(backend, pool_size)?;
-        let writer = Executor::start("writer", 1, &pool);
+        let writer = Executor::start("writer", 1, &pool, job_duration);
         let reader = if pool_size == 1 {
             writer.clone()
         } else {
-            Executor::start("reader", (pool_size - 1) as usize, &pool)
+            Executor::start("reader", (pool_size - 1) as usize, &pool, job_duration)
         };
         Ok(Db {
             writer,

@@ -19,6 +19,8 @@ pub struct Outbound {
     pub expires_at: i64,
     /// The whole `notification` text frame.
     pub frame: ByteString,
+    /// When its transaction committed, for the delivery-latency histogram.
+    pub committed_at: std::time::Instant,
 }
 
 /// Presence → Session: write this notification to the socket.

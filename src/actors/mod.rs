@@ -6,4 +6,5 @@ pub mod committer;
 pub mod db;
 pub mod messages;
 pub mod presence;
+pub mod purger;
 pub mod session;

@@ -9,6 +9,7 @@
 //! node's commit order is its `seq` order). Live pushes that arrive during replay are held back
 //! and sent after it; anything at or below the last `seq` sent is a duplicate and is skipped.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -22,6 +23,7 @@ use super::messages::*;
 use super::presence::Presence;
 use crate::db::queries;
 use crate::domain::{new_id, now_ms};
+use crate::metrics::Metrics;
 use crate::protocol::{self, close, ClientFrame};
 
 /// Notifications read from the database per replay query.
@@ -60,6 +62,7 @@ pub struct SessionDeps {
     pub presence: Addr<Presence>,
     pub committer: Addr<Committer>,
     pub db: Db,
+    pub metrics: Arc<Metrics>,
 }
 
 enum Phase {
@@ -91,6 +94,8 @@ pub struct Session {
     /// Set once the cleanup has run; it runs once however the session ends.
     left: bool,
     close_reason: &'static str,
+    /// The close code the session ended with (1006: the connection dropped without one).
+    close_code: u16,
 }
 
 /// Starts a session on an upgraded request.
@@ -120,6 +125,7 @@ pub fn start(
         replay_failures: 0,
         left: false,
         close_reason: "connection ended",
+        close_code: 1006,
     };
     ws::WsResponseBuilder::new(session, req, stream)
         .frame_size(max_frame)
@@ -136,6 +142,8 @@ impl Actor for Session {
             self.device.device_id,
             self.device.user_id
         );
+        self.deps.metrics.connects.inc();
+        self.deps.metrics.sessions_open.inc();
         self.start_heartbeat(ctx);
         let register = Register {
             session_id: self.id.clone(),
@@ -183,11 +191,17 @@ impl Actor for Session {
     fn stopped(&mut self, _: &mut Self::Context) {
         let secs = (now_ms() - self.connected_at) as f64 / 1000.0;
         log::info!(
-            "session {} ended: device {} after {secs:.1}s ({})",
+            "session {} ended: device {} after {secs:.1}s, close {} ({})",
             self.id,
             self.device.device_id,
+            self.close_code,
             self.close_reason
         );
+        let m = &self.deps.metrics;
+        m.sessions_open.dec();
+        m.disconnects
+            .with_label_values(&[&self.close_code.to_string()])
+            .inc();
     }
 }
 
@@ -211,6 +225,7 @@ impl Session {
     fn end(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &'static str) {
         self.leave();
         self.close_reason = reason;
+        self.close_code = code;
         ctx.close(Some(ws::CloseReason {
             code: ws::CloseCode::from(code),
             description: Some(reason.into()),
@@ -336,6 +351,10 @@ impl Session {
         }
         self.last_seq = item.seq;
         ctx.text(item.frame);
+        self.deps
+            .metrics
+            .delivery_latency
+            .observe(item.committed_at.elapsed().as_secs_f64());
         Some(item.seq)
     }
 
@@ -393,6 +412,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
             Ok(ws::Message::Close(reason)) => {
                 self.leave();
                 self.close_reason = "closed by the device";
+                self.close_code = reason.as_ref().map_or(1005, |r| u16::from(r.code));
                 ctx.close(reason);
                 ctx.stop();
             }

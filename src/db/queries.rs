@@ -337,6 +337,30 @@ pub fn ack(conn: &mut DbConn, device_id: &str, ids: &[String], at: i64) -> Query
     .execute(conn)
 }
 
+/// Up to `limit` notifications that expired at or before `cutoff`, oldest first.
+pub fn expired_before(conn: &mut DbConn, cutoff: i64, limit: i64) -> QueryResult<Vec<i64>> {
+    notifications::table
+        .filter(notifications::expires_at.le(cutoff))
+        .order(notifications::expires_at.asc())
+        .limit(limit)
+        .select(notifications::seq)
+        .load(conn)
+}
+
+/// Deletes these notifications and their deliveries; returns how many deliveries were unacked
+/// (they expired without reaching their device).
+pub fn delete_notifications(conn: &mut DbConn, seqs: &[i64]) -> QueryResult<u64> {
+    let unacked = deliveries::table
+        .filter(deliveries::notification_seq.eq_any(seqs))
+        .filter(deliveries::state.lt(STATE_ACKED))
+        .count()
+        .get_result::<i64>(conn)?;
+    diesel::delete(deliveries::table.filter(deliveries::notification_seq.eq_any(seqs)))
+        .execute(conn)?;
+    diesel::delete(notifications::table.filter(notifications::seq.eq_any(seqs))).execute(conn)?;
+    Ok(unacked as u64)
+}
+
 /// Answers whether the database is there.
 pub fn ping(conn: &mut DbConn) -> QueryResult<()> {
     use diesel::connection::SimpleConnection;

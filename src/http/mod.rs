@@ -37,6 +37,7 @@ pub struct AppState {
     pub committer: Addr<Committer>,
     pub admin: AdminCredential,
     pub counters: Arc<Counters>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub session: SessionConfig,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
@@ -63,6 +64,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/presence").route(web::get().to(presence::list)))
         .service(resource("/v1/presence/users/{user_id}").route(web::get().to(presence::user)))
         .service(resource("/v1/stats").route(web::get().to(ops::stats)))
+        .service(resource("/metrics").route(web::get().to(ops::metrics)))
         .service(resource("/v1/ws").route(web::get().to(ws::upgrade)))
         .default_service(web::to(not_found));
 }

@@ -29,6 +29,24 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
     }
 }
 
+pub async fn metrics(who: Principal, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    who.require_admin()?;
+    let sessions = state
+        .presence
+        .send(CountSessions)
+        .await
+        .map_err(|_| ApiError::internal())?;
+    let text = state.metrics.render(
+        sessions,
+        &state.counters,
+        &state.db.pool_snapshot(),
+        &state.db.queue_snapshot(),
+    );
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(text))
+}
+
 pub async fn stats(who: Principal, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     who.require_admin()?;
     let sessions = state

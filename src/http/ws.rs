@@ -33,6 +33,7 @@ pub async fn upgrade(
         presence: state.presence.clone(),
         committer: state.committer.clone(),
         db: state.db.clone(),
+        metrics: state.metrics.clone(),
     };
     session::start(&req, stream, device, state.session.clone(), deps).map_err(|e| {
         ApiError::bad_request(

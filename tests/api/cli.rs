@@ -29,6 +29,8 @@ const HERALD_ENV: &[&str] = &[
     "HERALD_WS_MAX_FRAME_BYTES",
     "HERALD_MAX_BODY_BYTES",
     "HERALD_WORKERS",
+    "HERALD_RETENTION_SECONDS",
+    "HERALD_PURGE_INTERVAL_MS",
 ];
 
 /// `herald` with a clean environment, run in `dir`.

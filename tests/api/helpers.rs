@@ -124,6 +124,25 @@ impl Drop for TestApp {
     }
 }
 
+impl TestApp {
+    /// Clients for a node that runs elsewhere (a child process); its database is the caller's.
+    pub fn attach(port: u16, admin: &str) -> TestApp {
+        TestApp {
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            admin: admin.to_owned(),
+            http: http_client(),
+            stop: None,
+            thread: None,
+            db: TestDb {
+                url: String::new(),
+                _dir: None,
+                pg_name: None,
+            },
+        }
+    }
+}
+
 /// Settings for test nodes: quick heartbeats so timeouts can be seen in a test.
 pub fn test_args(db: &TestDb) -> ServeArgs {
     let mut args = ServeArgs::with_database(db.url.clone());

@@ -9,6 +9,8 @@ mod delivery;
 mod http_api;
 mod invariants;
 mod load;
+mod metrics;
+mod operations;
 mod outage;
 mod protocol;
 mod regression;
