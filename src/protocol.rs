@@ -17,6 +17,8 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     /// A frame was larger than the configured maximum.
     pub const TOO_BIG: u16 = 1009;
+    /// A bug in Herald ended the session (logged); reconnect.
+    pub const INTERNAL: u16 = 1011;
     /// Herald could not serve the session (database unavailable); try again later.
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The device was revoked; do not reconnect with this token.

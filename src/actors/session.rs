@@ -400,6 +400,35 @@ impl Session {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        // A bug that panics while handling one device's frame ends that session through the
+        // usual cleanup (presence forgets it), instead of taking the worker's other sessions down.
+        let handled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.frame(msg, ctx)));
+        if handled.is_err() {
+            log::error!(
+                "session {}: a frame handler panicked; closing the session",
+                self.id
+            );
+            self.end(ctx, close::INTERNAL, "internal error");
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        // The device's side of the connection is gone (TCP closed or reset).
+        if !self.left {
+            self.close_reason = "connection dropped";
+        }
+        self.leave();
+        ctx.stop();
+    }
+}
+
+impl Session {
+    fn frame(
+        &mut self,
+        msg: Result<ws::Message, ws::ProtocolError>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
         self.last_heard = Instant::now();
         match msg {
             Ok(ws::Message::Text(text)) => self.text(ctx, &text),
@@ -422,15 +451,6 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
                 self.end(ctx, close::POLICY, "protocol error");
             }
         }
-    }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        // The device's side of the connection is gone (TCP closed or reset).
-        if !self.left {
-            self.close_reason = "connection dropped";
-        }
-        self.leave();
-        ctx.stop();
     }
 }
 
