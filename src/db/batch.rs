@@ -130,15 +130,9 @@ pub fn commit(conn: &mut DbConn, batch: &WriteBatch, now: i64) -> QueryResult<Ba
         for post in &batch.posts {
             result.posts.push(create(c, post, now)?);
         }
-        for (device_id, seqs) in &batch.delivered {
-            result.delivered += queries::mark_delivered(c, device_id, seqs, now)? as u64;
-        }
-        for (device_id, ids) in &batch.acks {
-            result.acked += queries::ack(c, device_id, ids, now)? as u64;
-        }
-        for (device_id, at) in &batch.seen {
-            queries::touch_last_seen(c, device_id, *at)?;
-        }
+        result.delivered = queries::mark_delivered_all(c, &batch.delivered, now)? as u64;
+        result.acked = queries::ack_all(c, &batch.acks, now)? as u64;
+        queries::touch_last_seen_all(c, &batch.seen)?;
         for (seq, n) in &batch.delivered_now {
             queries::set_delivered_now(c, *seq, *n)?;
         }

@@ -12,6 +12,19 @@ pub const STATE_DELIVERED: i16 = 1;
 /// `deliveries.state`: acked by the device; never delivered to it again.
 pub const STATE_ACKED: i16 = 2;
 
+// The state tests below are SQL literals, not bound parameters: SQLite re-prepares a statement on
+// every execution when a bound value decides whether a partial index (`WHERE state < 2`) applies.
+
+/// `deliveries.state < 2`: pending or delivered, not yet acked.
+fn unacked() -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
+    diesel::dsl::sql("deliveries.state < 2")
+}
+
+/// `deliveries.state = 0`.
+fn pending() -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
+    diesel::dsl::sql("deliveries.state = 0")
+}
+
 #[derive(Debug, Clone, Queryable, Insertable)]
 #[diesel(table_name = service_keys)]
 pub struct ServiceKeyRow {
@@ -157,7 +170,7 @@ pub fn revoke_device(conn: &mut DbConn, id: &str, now: i64) -> QueryResult<Optio
         diesel::delete(
             deliveries::table
                 .filter(deliveries::device_id.eq(id))
-                .filter(deliveries::state.lt(STATE_ACKED)),
+                .filter(unacked()),
         )
         .execute(conn)?;
     }
@@ -284,7 +297,7 @@ pub fn pending_for_device(
     deliveries::table
         .inner_join(notifications::table)
         .filter(deliveries::device_id.eq(device_id))
-        .filter(deliveries::state.lt(STATE_ACKED))
+        .filter(unacked())
         .filter(deliveries::notification_seq.gt(after_seq))
         .filter(notifications::expires_at.gt(now))
         .order(deliveries::notification_seq.asc())
@@ -300,41 +313,180 @@ pub fn pending_for_device(
 }
 
 /// Marks these notifications as written to the device's socket (pending ones only).
+///
+/// On SQLite each row is its own (cached, prepared-once) statement: an `IN (…)` list of varying
+/// length would be prepared anew every time. PostgreSQL binds the list as one array parameter.
 pub fn mark_delivered(
     conn: &mut DbConn,
     device_id: &str,
     seqs: &[i64],
     at: i64,
 ) -> QueryResult<usize> {
-    diesel::update(
-        deliveries::table
-            .filter(deliveries::device_id.eq(device_id))
-            .filter(deliveries::notification_seq.eq_any(seqs))
-            .filter(deliveries::state.eq(STATE_PENDING)),
-    )
-    .set((
+    let set = (
         deliveries::state.eq(STATE_DELIVERED),
         deliveries::delivered_at.eq(at),
-    ))
-    .execute(conn)
+    );
+    let mine = deliveries::table
+        .filter(deliveries::device_id.eq(device_id))
+        .filter(pending());
+    match conn {
+        DbConn::Sqlite(_) => {
+            let mut n = 0;
+            for seq in seqs {
+                n += diesel::update(mine.clone().filter(deliveries::notification_seq.eq(seq)))
+                    .set(set)
+                    .execute(conn)?;
+            }
+            Ok(n)
+        }
+        DbConn::Pg(_) => diesel::update(mine.filter(deliveries::notification_seq.eq_any(seqs)))
+            .set(set)
+            .execute(conn),
+    }
 }
 
 /// Acks the device's own deliveries of these notification ids; other ids are ignored.
 pub fn ack(conn: &mut DbConn, device_id: &str, ids: &[String], at: i64) -> QueryResult<usize> {
-    let seqs = notifications::table
-        .filter(notifications::id.eq_any(ids))
-        .select(notifications::seq);
-    diesel::update(
-        deliveries::table
-            .filter(deliveries::device_id.eq(device_id))
-            .filter(deliveries::notification_seq.eq_any(seqs))
-            .filter(deliveries::state.lt(STATE_ACKED)),
-    )
-    .set((
+    let set = (
         deliveries::state.eq(STATE_ACKED),
         deliveries::acked_at.eq(at),
-    ))
-    .execute(conn)
+    );
+    let mine = deliveries::table
+        .filter(deliveries::device_id.eq(device_id))
+        .filter(unacked());
+    let seq_of = |id| {
+        notifications::table
+            .filter(notifications::id.eq(id))
+            .select(notifications::seq)
+    };
+    match conn {
+        DbConn::Sqlite(_) => {
+            let mut n = 0;
+            for id in ids {
+                let target = mine.clone().filter(
+                    deliveries::notification_seq
+                        .nullable()
+                        .eq(seq_of(id.as_str()).single_value()),
+                );
+                n += diesel::update(target).set(set).execute(conn)?;
+            }
+            Ok(n)
+        }
+        DbConn::Pg(_) => {
+            let seqs = notifications::table
+                .filter(notifications::id.eq_any(ids))
+                .select(notifications::seq);
+            diesel::update(mine.filter(deliveries::notification_seq.eq_any(seqs)))
+                .set(set)
+                .execute(conn)
+        }
+    }
+}
+
+// ---- whole batches ---------------------------------------------------------------------------
+//
+// On PostgreSQL every statement is a network round trip, so a batch's marks, acks and last-seen
+// times each go in one statement over `unnest`ed arrays. On SQLite statements are in-process
+// calls, and one cached statement per row is cheapest.
+
+/// Marks many devices' notifications as written to their sockets; returns the rows changed.
+pub fn mark_delivered_all(
+    conn: &mut DbConn,
+    marks: &[(String, Vec<i64>)],
+    at: i64,
+) -> QueryResult<usize> {
+    use diesel::sql_types::{Array, BigInt, Text};
+    if marks.is_empty() {
+        return Ok(0);
+    }
+    match conn {
+        DbConn::Pg(c) => {
+            let (devices, seqs): (Vec<&str>, Vec<i64>) = marks
+                .iter()
+                .flat_map(|(d, seqs)| seqs.iter().map(move |s| (d.as_str(), *s)))
+                .unzip();
+            diesel::sql_query(
+                "UPDATE deliveries SET state = 1, delivered_at = $1 \
+                 FROM unnest($2::text[], $3::bigint[]) AS m(device_id, seq) \
+                 WHERE deliveries.device_id = m.device_id AND deliveries.notification_seq = m.seq \
+                 AND deliveries.state = 0",
+            )
+            .bind::<BigInt, _>(at)
+            .bind::<Array<Text>, _>(devices)
+            .bind::<Array<BigInt>, _>(seqs)
+            .execute(c)
+        }
+        DbConn::Sqlite(_) => {
+            let mut n = 0;
+            for (device_id, seqs) in marks {
+                n += mark_delivered(conn, device_id, seqs, at)?;
+            }
+            Ok(n)
+        }
+    }
+}
+
+/// Acks many devices' notifications by id; returns the rows changed.
+pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> QueryResult<usize> {
+    use diesel::sql_types::{Array, BigInt, Text};
+    if acks.is_empty() {
+        return Ok(0);
+    }
+    match conn {
+        DbConn::Pg(c) => {
+            let (devices, ids): (Vec<&str>, Vec<&str>) = acks
+                .iter()
+                .flat_map(|(d, ids)| ids.iter().map(move |i| (d.as_str(), i.as_str())))
+                .unzip();
+            diesel::sql_query(
+                "UPDATE deliveries SET state = 2, acked_at = $1 \
+                 FROM unnest($2::text[], $3::text[]) AS a(device_id, id) \
+                 JOIN notifications n ON n.id = a.id \
+                 WHERE deliveries.device_id = a.device_id AND deliveries.notification_seq = n.seq \
+                 AND deliveries.state < 2",
+            )
+            .bind::<BigInt, _>(at)
+            .bind::<Array<Text>, _>(devices)
+            .bind::<Array<Text>, _>(ids)
+            .execute(c)
+        }
+        DbConn::Sqlite(_) => {
+            let mut n = 0;
+            for (device_id, ids) in acks {
+                n += ack(conn, device_id, ids, at)?;
+            }
+            Ok(n)
+        }
+    }
+}
+
+/// Records many devices' last-seen times (the latest given for each device wins).
+pub fn touch_last_seen_all(conn: &mut DbConn, seen: &[(String, i64)]) -> QueryResult<()> {
+    use diesel::sql_types::{Array, BigInt, Text};
+    if seen.is_empty() {
+        return Ok(());
+    }
+    match conn {
+        DbConn::Pg(c) => {
+            let (devices, ats): (Vec<&str>, Vec<i64>) =
+                seen.iter().map(|(d, at)| (d.as_str(), *at)).unzip();
+            diesel::sql_query(
+                "UPDATE devices SET last_seen = s.at \
+                 FROM (SELECT id, max(at) AS at FROM unnest($1::text[], $2::bigint[]) AS u(id, at) GROUP BY id) AS s \
+                 WHERE devices.id = s.id",
+            )
+            .bind::<Array<Text>, _>(devices)
+            .bind::<Array<BigInt>, _>(ats)
+            .execute(c)
+            .map(drop)
+        }
+        DbConn::Sqlite(_) => {
+            for (device_id, at) in seen {
+                touch_last_seen(conn, device_id, *at)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Up to `limit` notifications that expired at or before `cutoff`, oldest first.
@@ -352,7 +504,7 @@ pub fn expired_before(conn: &mut DbConn, cutoff: i64, limit: i64) -> QueryResult
 pub fn delete_notifications(conn: &mut DbConn, seqs: &[i64]) -> QueryResult<u64> {
     let unacked = deliveries::table
         .filter(deliveries::notification_seq.eq_any(seqs))
-        .filter(deliveries::state.lt(STATE_ACKED))
+        .filter(unacked())
         .count()
         .get_result::<i64>(conn)?;
     diesel::delete(deliveries::table.filter(deliveries::notification_seq.eq_any(seqs)))
