@@ -210,6 +210,17 @@ impl Committer {
         if published.is_empty() {
             return;
         }
+        // Sessions skip anything at or below the last seq they sent, so presence must see the
+        // batch in seq order, whatever order the database handed the seqs out in.
+        let mut order: Vec<usize> = (0..published.len()).collect();
+        order.sort_by_key(|&i| published[i].0.seq);
+        if order.windows(2).any(|w| w[0] > w[1]) {
+            let mut slots: Vec<_> = published.into_iter().zip(to_answer).map(Some).collect();
+            (published, to_answer) = order
+                .iter()
+                .map(|&i| slots[i].take().expect("each index once"))
+                .unzip();
+        }
         // Presence pushes to sessions in this order; the `202`s go out once it has counted.
         let counts = self.presence.send(Publish { items: published });
         let fut = async move { counts.await.unwrap_or_default() }

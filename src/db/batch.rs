@@ -1,6 +1,8 @@
 //! The group-commit unit of work: many posts, acks, delivery marks and last-seen times written
 //! in one transaction by the single writer thread (DESIGN.md, "Writes at speed").
 
+use std::collections::{BTreeSet, HashMap, HashSet};
+
 use diesel::prelude::*;
 
 use super::queries::{self, NewNotificationRow, NotificationRow};
@@ -126,10 +128,10 @@ pub struct BatchResult {
 /// Writes the whole batch in one transaction, at time `now`.
 pub fn commit(conn: &mut DbConn, batch: &WriteBatch, now: i64) -> QueryResult<BatchResult> {
     write_tx(conn, |c| {
-        let mut result = BatchResult::default();
-        for post in &batch.posts {
-            result.posts.push(create(c, post, now)?);
-        }
+        let mut result = BatchResult {
+            posts: create_all(c, &batch.posts, now)?,
+            ..BatchResult::default()
+        };
         result.delivered = queries::mark_delivered_all(c, &batch.delivered, now)? as u64;
         result.acked = queries::ack_all(c, &batch.acks, now)? as u64;
         queries::touch_last_seen_all(c, &batch.seen)?;
@@ -140,56 +142,118 @@ pub fn commit(conn: &mut DbConn, batch: &WriteBatch, now: i64) -> QueryResult<Ba
     })
 }
 
-fn create(c: &mut DbConn, post: &PostInput, now: i64) -> QueryResult<PostOutcome> {
-    if let Some(key) = &post.idempotency_key {
-        if let Some(row) = queries::find_idempotent(c, &post.poster, key)? {
-            if row.created_at > now - IDEMPOTENCY_WINDOW_MS {
-                return Ok(if row.request_hash == post.request_hash {
-                    PostOutcome::Existing(row)
-                } else {
-                    PostOutcome::Rejected(PostRejection::KeyReused)
-                });
-            }
-            queries::forget_idempotency_key(c, row.seq)?;
-        }
-    }
-    let mut targets = Vec::new();
-    if !post.device_ids.is_empty() {
-        let live = queries::live_device_ids(c, &post.device_ids)?;
-        if live.len() != post.device_ids.len() {
-            let unknown = post
-                .device_ids
-                .iter()
-                .filter(|d| !live.contains(d))
-                .cloned()
-                .collect();
-            return Ok(PostOutcome::Rejected(PostRejection::UnknownDevices(
-                unknown,
-            )));
-        }
-        targets = live;
-    }
-    if !post.user_ids.is_empty() {
-        targets.extend(queries::device_ids_of_users(c, &post.user_ids)?);
-    }
-    targets.sort_unstable();
-    targets.dedup();
-    let expires_at = now + post.ttl_ms;
-    let row = NewNotificationRow {
-        id: &post.id,
-        poster: &post.poster,
-        created_at: now,
-        expires_at,
-        payload: &post.payload,
-        idempotency_key: post.idempotency_key.as_deref(),
-        request_hash: post.request_hash.as_deref(),
-        device_count: targets.len() as i32,
+/// Creates a batch's posts with a fixed number of statements however many posts there are
+/// (plus one look-up per post that carries an idempotency key): the targets of all posts are
+/// resolved in two queries, the notifications inserted in one, their deliveries in one.
+fn create_all(c: &mut DbConn, posts: &[PostInput], now: i64) -> QueryResult<Vec<PostOutcome>> {
+    let wanted_devices: Vec<String> = posts
+        .iter()
+        .flat_map(|p| p.device_ids.iter().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let live: HashSet<String> = if wanted_devices.is_empty() {
+        HashSet::new()
+    } else {
+        queries::live_device_ids(c, &wanted_devices)?
+            .into_iter()
+            .collect()
     };
-    let seq = queries::insert_notification(c, &row, &targets)?;
-    Ok(PostOutcome::Created {
-        seq,
-        created_at: now,
-        expires_at,
-        device_ids: targets,
-    })
+    let wanted_users: Vec<String> = posts
+        .iter()
+        .flat_map(|p| p.user_ids.iter().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
+    if !wanted_users.is_empty() {
+        for (user, device) in queries::devices_of_users(c, &wanted_users)? {
+            by_user.entry(user).or_default().push(device);
+        }
+    }
+
+    let mut outcomes: Vec<Option<PostOutcome>> = Vec::with_capacity(posts.len());
+    let mut fresh: Vec<(usize, Vec<String>)> = Vec::new();
+    for (i, post) in posts.iter().enumerate() {
+        if let Some(outcome) = earlier_answer(c, post, now)? {
+            outcomes.push(Some(outcome));
+            continue;
+        }
+        let unknown: Vec<String> = post
+            .device_ids
+            .iter()
+            .filter(|d| !live.contains(*d))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            outcomes.push(Some(PostOutcome::Rejected(PostRejection::UnknownDevices(
+                unknown,
+            ))));
+            continue;
+        }
+        let mut targets = post.device_ids.clone();
+        for user in &post.user_ids {
+            targets.extend(by_user.get(user).into_iter().flatten().cloned());
+        }
+        targets.sort_unstable();
+        targets.dedup();
+        outcomes.push(None);
+        fresh.push((i, targets));
+    }
+
+    let rows: Vec<NewNotificationRow<'_>> = fresh
+        .iter()
+        .map(|(i, targets)| {
+            let post = &posts[*i];
+            NewNotificationRow {
+                id: &post.id,
+                poster: &post.poster,
+                created_at: now,
+                expires_at: now + post.ttl_ms,
+                payload: &post.payload,
+                idempotency_key: post.idempotency_key.as_deref(),
+                request_hash: post.request_hash.as_deref(),
+                device_count: targets.len() as i32,
+            }
+        })
+        .collect();
+    let seqs = queries::insert_notifications(c, &rows)?;
+    let deliveries: Vec<(&str, i64)> = fresh
+        .iter()
+        .zip(&seqs)
+        .flat_map(|((_, targets), seq)| targets.iter().map(move |d| (d.as_str(), *seq)))
+        .collect();
+    queries::insert_deliveries(c, &deliveries)?;
+    for ((i, targets), seq) in fresh.into_iter().zip(seqs) {
+        outcomes[i] = Some(PostOutcome::Created {
+            seq,
+            created_at: now,
+            expires_at: now + posts[i].ttl_ms,
+            device_ids: targets,
+        });
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.expect("every post has an outcome"))
+        .collect())
+}
+
+/// The earlier answer to a post repeated with the same idempotency key within the window (or
+/// its refusal, if the key was used for another request). A key past the window is freed.
+fn earlier_answer(c: &mut DbConn, post: &PostInput, now: i64) -> QueryResult<Option<PostOutcome>> {
+    let Some(key) = &post.idempotency_key else {
+        return Ok(None);
+    };
+    let Some(row) = queries::find_idempotent(c, &post.poster, key)? else {
+        return Ok(None);
+    };
+    if row.created_at > now - IDEMPOTENCY_WINDOW_MS {
+        return Ok(Some(if row.request_hash == post.request_hash {
+            PostOutcome::Existing(row)
+        } else {
+            PostOutcome::Rejected(PostRejection::KeyReused)
+        }));
+    }
+    queries::forget_idempotency_key(c, row.seq)?;
+    Ok(None)
 }

@@ -1,5 +1,7 @@
 //! Every SQL statement Herald runs, as functions of `&mut DbConn`. Callers decide the transaction.
 
+use std::collections::HashMap;
+
 use diesel::prelude::*;
 
 use super::schema::{deliveries, devices, notifications, service_keys};
@@ -186,12 +188,15 @@ pub fn live_device_ids(conn: &mut DbConn, ids: &[String]) -> QueryResult<Vec<Str
         .load(conn)
 }
 
-/// The live devices of these users.
-pub fn device_ids_of_users(conn: &mut DbConn, user_ids: &[String]) -> QueryResult<Vec<String>> {
+/// The live devices of these users, as `(user_id, device_id)`.
+pub fn devices_of_users(
+    conn: &mut DbConn,
+    user_ids: &[String],
+) -> QueryResult<Vec<(String, String)>> {
     devices::table
         .filter(devices::user_id.eq_any(user_ids))
         .filter(devices::revoked_at.is_null())
-        .select(devices::id)
+        .select((devices::user_id, devices::id))
         .load(conn)
 }
 
@@ -218,35 +223,60 @@ pub fn find_idempotent(
         .optional()
 }
 
-/// Inserts a notification and one pending delivery per device; returns its `seq`.
-pub fn insert_notification(
+/// Inserts notifications; returns their `seq`s, in the order of `rows`.
+pub fn insert_notifications(
     conn: &mut DbConn,
-    row: &NewNotificationRow<'_>,
-    device_ids: &[String],
-) -> QueryResult<i64> {
-    let seq: i64 = diesel::insert_into(notifications::table)
-        .values(row)
-        .returning(notifications::seq)
-        .get_result(conn)?;
-    for chunk in device_ids.chunks(500) {
-        let rows: Vec<_> = chunk
+    rows: &[NewNotificationRow<'_>],
+) -> QueryResult<Vec<i64>> {
+    let mut seqs = Vec::with_capacity(rows.len());
+    match conn {
+        DbConn::Pg(c) => {
+            // One statement per 1,000 rows (PostgreSQL allows 65,535 parameters, 8 per row).
+            for chunk in rows.chunks(1000) {
+                let ids: Vec<(String, i64)> = diesel::insert_into(notifications::table)
+                    .values(chunk)
+                    .returning((notifications::id, notifications::seq))
+                    .get_results(c)?;
+                let by_id: HashMap<String, i64> = ids.into_iter().collect();
+                seqs.extend(chunk.iter().map(|r| by_id[r.id]));
+            }
+        }
+        DbConn::Sqlite(_) => {
+            for row in rows {
+                seqs.push(
+                    diesel::insert_into(notifications::table)
+                        .values(row)
+                        .returning(notifications::seq)
+                        .get_result(conn)?,
+                );
+            }
+        }
+    }
+    Ok(seqs)
+}
+
+/// Inserts pending deliveries, `(device_id, seq)`.
+pub fn insert_deliveries(conn: &mut DbConn, rows: &[(&str, i64)]) -> QueryResult<()> {
+    // 3 parameters a row: 10,000 rows stay far below PostgreSQL's 65,535 and SQLite's 32,766.
+    for chunk in rows.chunks(10_000) {
+        let values: Vec<_> = chunk
             .iter()
-            .map(|d| {
+            .map(|(d, seq)| {
                 (
-                    deliveries::device_id.eq(d.as_str()),
-                    deliveries::notification_seq.eq(seq),
+                    deliveries::device_id.eq(*d),
+                    deliveries::notification_seq.eq(*seq),
                     deliveries::state.eq(STATE_PENDING),
                 )
             })
             .collect();
         // Multi-row inserts are backend-specific in diesel, so this one names the backend.
-        let insert = diesel::insert_into(deliveries::table).values(&rows);
+        let insert = diesel::insert_into(deliveries::table).values(&values);
         match conn {
             DbConn::Pg(c) => insert.execute(c)?,
             DbConn::Sqlite(c) => insert.execute(c)?,
         };
     }
-    Ok(seq)
+    Ok(())
 }
 
 /// Frees an idempotency key older than the window for reuse.
