@@ -29,13 +29,18 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
     }
 }
 
-pub async fn metrics(who: Principal, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    who.require_admin()?;
-    let sessions = state
+/// Open sessions, from Presence.
+async fn sessions(state: &AppState) -> Result<usize, ApiError> {
+    state
         .presence
         .send(CountSessions)
         .await
-        .map_err(|_| ApiError::internal())?;
+        .map_err(|_| ApiError::internal())
+}
+
+pub async fn metrics(who: Principal, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    who.require_admin()?;
+    let sessions = sessions(&state).await?;
     let text = state.metrics.render(
         sessions,
         &state.counters,
@@ -49,11 +54,7 @@ pub async fn metrics(who: Principal, state: web::Data<AppState>) -> Result<HttpR
 
 pub async fn stats(who: Principal, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     who.require_admin()?;
-    let sessions = state
-        .presence
-        .send(CountSessions)
-        .await
-        .map_err(|_| ApiError::internal())?;
+    let sessions = sessions(&state).await?;
     let c = &state.counters;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "sessions": sessions,

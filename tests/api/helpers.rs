@@ -323,6 +323,25 @@ impl TestApp {
         body["id"].as_str().unwrap().to_owned()
     }
 
+    /// `GET /metrics` as the admin: the Prometheus text, checked to be served as such.
+    pub async fn metrics_text(&self) -> String {
+        let mut res = self
+            .http
+            .get(self.url("/metrics"))
+            .insert_header(("Authorization", format!("Bearer {}", self.admin)))
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(res.status(), StatusCode::OK);
+        let ctype = res
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+        String::from_utf8(res.body().await.expect("a body").to_vec()).expect("UTF-8 text")
+    }
+
     pub async fn stats(&self) -> Value {
         let (status, body) = self.get("/v1/stats", &self.admin).await;
         assert_eq!(status, StatusCode::OK, "{body}");

@@ -338,14 +338,7 @@ async fn expired_notifications_are_purged_after_the_retention(b: Backend) {
     }
     let (status, body) = app.get(&format!("/v1/notifications/{keeper}"), &key).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let mut res = app
-        .http
-        .get(app.url("/metrics"))
-        .insert_header(("Authorization", format!("Bearer {}", app.admin)))
-        .send()
-        .await
-        .unwrap();
-    let text = String::from_utf8(res.body().await.unwrap().to_vec()).unwrap();
+    let text = app.metrics_text().await;
     assert!(
         text.lines()
             .any(|l| l == "herald_notifications_expired_total 20"),
