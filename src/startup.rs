@@ -82,6 +82,7 @@ impl Application {
             presence: presence.clone(),
             committer: committer.clone(),
             admin,
+            auth_cache: Arc::default(),
             counters,
             metrics: metrics.clone(),
             session: SessionConfig {

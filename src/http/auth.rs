@@ -1,6 +1,11 @@
 //! Who is calling: the bearer credential of a request, resolved to a role. Authentication reads
 //! and never writes (DESIGN.md, invariant 5). Secrets are compared by their SHA-256 only.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use actix_web::dev::Payload;
 use actix_web::http::header;
 use actix_web::{web, FromRequest, HttpRequest};
@@ -84,37 +89,91 @@ pub async fn authenticate(state: &AppState, secret: Option<String>) -> Result<Pr
     if state.admin.matches(&hash) {
         return Ok(Principal::Admin);
     }
+    if let Some(known) = state.auth_cache.get(&hash) {
+        return Ok(known);
+    }
+    let generation = state.auth_cache.generation();
     let deadline = state.db.deadline();
-    match SecretKind::of(&secret) {
-        Some(SecretKind::ServiceKey) => {
-            let found = state
-                .db
-                .read(deadline, move |c| {
-                    queries::service_key_by_hash(c, &hash).map_err(DbError::from)
+    let key = hash.clone();
+    let found = match SecretKind::of(&secret) {
+        Some(SecretKind::ServiceKey) => state
+            .db
+            .read(deadline, move |c| {
+                queries::service_key_by_hash(c, &key).map_err(DbError::from)
+            })
+            .await?
+            .map(|key_id| Principal::Service { key_id }),
+        Some(SecretKind::DeviceToken) => state
+            .db
+            .read(deadline, move |c| {
+                queries::device_by_hash(c, &key).map_err(DbError::from)
+            })
+            .await?
+            .map(|d| {
+                Principal::Device(DeviceIdentity {
+                    device_id: d.id,
+                    user_id: d.user_id,
+                    name: d.name,
                 })
-                .await?;
-            found
-                .map(|key_id| Principal::Service { key_id })
-                .ok_or_else(ApiError::unauthorized)
+            }),
+        _ => None,
+    };
+    let principal = found.ok_or_else(ApiError::unauthorized)?;
+    state.auth_cache.put(hash, principal.clone(), generation);
+    Ok(principal)
+}
+
+/// Credentials resolved recently, so a busy service's every post does not cost a database read.
+/// Entries live `AUTH_CACHE_TTL`; revoking a key or device on this node removes its entries at
+/// once, and a look-up that raced the revocation is not cached (the generation check).
+#[derive(Default)]
+pub struct AuthCache {
+    entries: Mutex<HashMap<String, (Principal, Instant)>>,
+    /// Bumped by every revocation; a look-up started under an older generation is not cached.
+    generation: AtomicU64,
+}
+
+/// How long a resolved credential is trusted without asking the database again.
+const AUTH_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Most credentials cached; past it the cache starts over.
+const AUTH_CACHE_MAX: usize = 100_000;
+
+impl AuthCache {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Principal, Instant)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, hash: &str) -> Option<Principal> {
+        let entries = self.entries();
+        let (principal, at) = entries.get(hash)?;
+        (at.elapsed() < AUTH_CACHE_TTL).then(|| principal.clone())
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn put(&self, hash: String, principal: Principal, generation: u64) {
+        let mut entries = self.entries();
+        if self.generation() != generation {
+            return;
         }
-        Some(SecretKind::DeviceToken) => {
-            let found = state
-                .db
-                .read(deadline, move |c| {
-                    queries::device_by_hash(c, &hash).map_err(DbError::from)
-                })
-                .await?;
-            found
-                .map(|d| {
-                    Principal::Device(DeviceIdentity {
-                        device_id: d.id,
-                        user_id: d.user_id,
-                        name: d.name,
-                    })
-                })
-                .ok_or_else(ApiError::unauthorized)
+        if entries.len() >= AUTH_CACHE_MAX {
+            entries.clear();
         }
-        _ => Err(ApiError::unauthorized()),
+        entries.insert(hash, (principal, Instant::now()));
+    }
+
+    /// Forgets every credential of this service key or device (called after its revocation
+    /// has committed).
+    pub fn forget(&self, revoked: &str) {
+        let mut entries = self.entries();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        entries.retain(|_, (p, _)| match p {
+            Principal::Service { key_id } => key_id != revoked,
+            Principal::Device(d) => d.device_id != revoked,
+            Principal::Admin => true,
+        });
     }
 }
 

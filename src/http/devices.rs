@@ -133,6 +133,7 @@ pub async fn revoke(
 ) -> Result<HttpResponse, ApiError> {
     who.require_service()?;
     let device_id = path.into_inner();
+    state.auth_cache.forget(&device_id);
     let target = device_id.clone();
     let revoked = state
         .db
@@ -140,6 +141,8 @@ pub async fn revoke(
             queries::revoke_device(c, &target, now_ms()).map_err(DbError::from)
         })
         .await?;
+    // Forgotten once the revocation has committed, so no cached credential outlives it.
+    state.auth_cache.forget(&device_id);
     if revoked.is_none() {
         return Err(ApiError::not_found("device"));
     }

@@ -19,7 +19,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
-pub use auth::{AdminCredential, Principal};
+pub use auth::{AdminCredential, AuthCache, Principal};
 pub use devices::new_device;
 
 use crate::actors::committer::Committer;
@@ -36,6 +36,7 @@ pub struct AppState {
     pub presence: Addr<Presence>,
     pub committer: Addr<Committer>,
     pub admin: AdminCredential,
+    pub auth_cache: Arc<AuthCache>,
     pub counters: Arc<Counters>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub session: SessionConfig,

@@ -82,6 +82,7 @@ pub async fn revoke(
 ) -> Result<HttpResponse, ApiError> {
     who.require_admin()?;
     let id = path.into_inner();
+    state.auth_cache.forget(&id);
     let target = id.clone();
     let revoked = state
         .db
@@ -89,6 +90,8 @@ pub async fn revoke(
             queries::revoke_service_key(c, &target, now_ms()).map_err(DbError::from)
         })
         .await?;
+    // Forgotten once the revocation has committed, so no cached credential outlives it.
+    state.auth_cache.forget(&id);
     if !revoked {
         return Err(ApiError::not_found("service key"));
     }
