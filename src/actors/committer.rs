@@ -109,9 +109,10 @@ impl Committer {
         let mut weight = batch.weight();
         let mut taken = Vec::new();
         let mut rest = Vec::new();
-        for w in self.posts.drain(..) {
+        let mut late = Vec::new();
+        for w in std::mem::take(&mut self.posts) {
             if w.deadline <= now || w.reply.is_closed() {
-                let _ = w.reply.send(Err(PostRejection::Timeout));
+                late.push(w);
                 continue;
             }
             let wt = 1 + w.post.device_ids.len() + w.post.user_ids.len();
@@ -123,6 +124,10 @@ impl Committer {
             }
         }
         self.posts = rest;
+        // Through `answer`, so repeats waiting on the same idempotency key are answered too.
+        for w in late {
+            self.answer(&w.post, w.reply, Err(PostRejection::Timeout), None);
+        }
         batch.posts = taken.iter().map(|w| w.post.clone()).collect();
         (batch, taken)
     }
