@@ -120,11 +120,11 @@ impl From<JobError> for ApiError {
                 log::warn!("database unavailable: {cause}");
                 ApiError::unavailable("database_unavailable", "the database is unavailable")
             }
-            JobError::Query(Q::DatabaseError(
-                K::ClosedConnection | K::UnableToSendCommand | K::SerializationFailure,
-                info,
-            )) => {
-                log::warn!("database error: {}", info.message());
+            JobError::Query(q)
+                if crate::db::is_connection_lost(&q)
+                    || matches!(q, Q::DatabaseError(K::SerializationFailure, _)) =>
+            {
+                log::warn!("database error: {q}");
                 ApiError::unavailable("database_unavailable", "the database is unavailable")
             }
             JobError::Query(q) => {

@@ -149,6 +149,9 @@ impl Committer {
                 let why = match e {
                     JobError::Overloaded => PostRejection::Overloaded,
                     JobError::Timeout => PostRejection::Timeout,
+                    JobError::Query(ref q) if crate::db::is_connection_lost(q) => {
+                        PostRejection::Unavailable
+                    }
                     JobError::Query(_) | JobError::Panicked => PostRejection::Internal,
                     JobError::Unavailable(_) => PostRejection::Unavailable,
                 };

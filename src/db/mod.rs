@@ -183,16 +183,30 @@ thread_local! {
     static CONNECTION_LOST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether a query failed because the connection itself is gone.
-fn is_connection_lost(e: &diesel::result::Error) -> bool {
+/// Whether a query failed because the connection itself is gone (the server stopped, restarted
+/// or the network dropped): "not now", not a bug. libpq reports these without a SQLSTATE, so
+/// besides diesel's kinds this looks at libpq's own messages.
+pub fn is_connection_lost(e: &diesel::result::Error) -> bool {
     use diesel::result::{DatabaseErrorKind as K, Error as Q};
     match e {
         Q::DatabaseError(K::ClosedConnection | K::UnableToSendCommand, _) => true,
         Q::DatabaseError(_, info) => {
             let m = info.message();
-            m.contains("server closed the connection")
-                || m.contains("terminating connection")
-                || m.contains("no connection to the server")
+            [
+                "server closed the connection",
+                "terminating connection",
+                "no connection to the server",
+                "could not receive data from server",
+                "could not send data to server",
+                "connection to server",
+                "SSL connection has been closed",
+                "SSL SYSCALL error",
+                "EOF detected",
+                "Connection reset",
+                "Broken pipe",
+            ]
+            .iter()
+            .any(|needle| m.contains(needle))
         }
         _ => false,
     }
@@ -399,6 +413,47 @@ mod tests {
         assert_eq!(pool.snapshot().in_use, 3);
         drop(held);
         assert_eq!(pool.snapshot().in_use, 0);
+    }
+
+    #[test]
+    fn a_lost_server_is_not_a_bug() {
+        use diesel::result::{DatabaseErrorInformation, DatabaseErrorKind, Error};
+        struct Msg(&'static str);
+        impl DatabaseErrorInformation for Msg {
+            fn message(&self) -> &str {
+                self.0
+            }
+            fn details(&self) -> Option<&str> {
+                None
+            }
+            fn hint(&self) -> Option<&str> {
+                None
+            }
+            fn table_name(&self) -> Option<&str> {
+                None
+            }
+            fn column_name(&self) -> Option<&str> {
+                None
+            }
+            fn constraint_name(&self) -> Option<&str> {
+                None
+            }
+            fn statement_position(&self) -> Option<i32> {
+                None
+            }
+        }
+        let err = |m| Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(Msg(m)));
+        assert!(is_connection_lost(&err("SSL SYSCALL error: EOF detected")));
+        assert!(is_connection_lost(&err(
+            "server closed the connection unexpectedly"
+        )));
+        assert!(is_connection_lost(&err(
+            "could not receive data from server: Connection reset by peer"
+        )));
+        assert!(!is_connection_lost(&err(
+            "duplicate key value violates unique constraint"
+        )));
+        assert!(!is_connection_lost(&Error::NotFound));
     }
 
     #[test]

@@ -158,6 +158,10 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 
 /// Starts a node on its own thread and actix system, with settings adjusted by `tweak`.
 pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeArgs)) -> TestApp {
+    // Server logs are off unless RUST_LOG asks for them (e.g. RUST_LOG=warn ... -- --nocapture).
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off"))
+        .is_test(true)
+        .try_init();
     let db = TestDb::new(backend);
     let mut args = test_args(&db);
     tweak(&mut args);

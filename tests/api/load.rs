@@ -48,11 +48,14 @@ pub fn spawn_reader_until(
     mut ws: WsClient,
     reset: impl std::future::Future<Output = ()> + 'static,
 ) -> actix_web::rt::task::JoinHandle<()> {
-    inbox
-        .borrow_mut()
-        .entry(device_id.clone())
-        .or_default()
-        .push(Vec::new());
+    // This session's own slot: an older session of the device may still be reading when this
+    // one starts, and must not write into it.
+    let slot = {
+        let mut inbox = inbox.borrow_mut();
+        let sessions = inbox.entry(device_id.clone()).or_default();
+        sessions.push(Vec::new());
+        sessions.len() - 1
+    };
     actix_web::rt::spawn(async move {
         let mut reset = std::pin::pin!(reset);
         loop {
@@ -65,13 +68,7 @@ pub fn spawn_reader_until(
                 Event::Json(v) if v["type"] == "notification" => {
                     let id = v["id"].as_str().unwrap().to_owned();
                     ws.ack(&[&id]).await;
-                    inbox
-                        .borrow_mut()
-                        .get_mut(&device_id)
-                        .unwrap()
-                        .last_mut()
-                        .unwrap()
-                        .push(id);
+                    inbox.borrow_mut().get_mut(&device_id).unwrap()[slot].push(id);
                 }
                 Event::Json(_) => {}
                 Event::Close(_) => break,
