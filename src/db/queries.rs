@@ -257,24 +257,33 @@ pub fn insert_notifications(
 
 /// Inserts pending deliveries, `(device_id, seq)`.
 pub fn insert_deliveries(conn: &mut DbConn, rows: &[(&str, i64)]) -> QueryResult<()> {
-    // 3 parameters a row: 10,000 rows stay far below PostgreSQL's 65,535 and SQLite's 32,766.
-    for chunk in rows.chunks(10_000) {
-        let values: Vec<_> = chunk
-            .iter()
-            .map(|(d, seq)| {
-                (
-                    deliveries::device_id.eq(*d),
-                    deliveries::notification_seq.eq(*seq),
-                    deliveries::state.eq(STATE_PENDING),
-                )
-            })
-            .collect();
-        // Multi-row inserts are backend-specific in diesel, so this one names the backend.
-        let insert = diesel::insert_into(deliveries::table).values(&values);
-        match conn {
-            DbConn::Pg(c) => insert.execute(c)?,
-            DbConn::Sqlite(c) => insert.execute(c)?,
-        };
+    let row = |(d, seq): &(&str, i64)| {
+        (
+            deliveries::device_id.eq(d.to_string()),
+            deliveries::notification_seq.eq(*seq),
+            deliveries::state.eq(STATE_PENDING),
+        )
+    };
+    match conn {
+        // A multi-row INSERT's text changes with its row count, so SQLite would parse it anew
+        // every batch; one cached single-row statement per row is cheaper in-process.
+        DbConn::Sqlite(_) => {
+            for r in rows {
+                diesel::insert_into(deliveries::table)
+                    .values(row(r))
+                    .execute(conn)?;
+            }
+        }
+        // A round trip per statement: one multi-row INSERT per 10,000 rows (3 parameters a row,
+        // far below PostgreSQL's 65,535).
+        DbConn::Pg(c) => {
+            for chunk in rows.chunks(10_000) {
+                let values: Vec<_> = chunk.iter().map(row).collect();
+                diesel::insert_into(deliveries::table)
+                    .values(&values)
+                    .execute(c)?;
+            }
+        }
     }
     Ok(())
 }
