@@ -97,12 +97,18 @@ struct Server {
 impl Server {
     /// Starts `herald serve` on a free port with this database and waits for `/healthz`.
     async fn start(dir: &Path, db: &Path) -> Server {
+        Self::start_with(dir, db, &[]).await
+    }
+
+    /// Like `start`, with more environment variables (`HERALD_ADMIN_TOKEN`, `RUST_LOG`, …).
+    async fn start_with(dir: &Path, db: &Path, env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let log = dir.join(format!("serve-{port}.log"));
         let child = herald(dir)
             .arg("serve")
             .env("HERALD_BIND", format!("127.0.0.1:{port}"))
             .env("HERALD_DATABASE_URL", sqlite_url(db))
+            .envs(env.iter().copied())
             .stdout(Stdio::from(
                 fs::File::create(dir.join("serve.out")).unwrap(),
             ))
@@ -457,19 +463,7 @@ async fn serve_takes_the_admin_token_from_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("herald.db");
     let admin = "hadm_from_the_environment_0123456789abcdef";
-    let port = free_port();
-    let log = dir.path().join("serve.log");
-    let child = herald(dir.path())
-        .arg("serve")
-        .env("HERALD_BIND", format!("127.0.0.1:{port}"))
-        .env("HERALD_DATABASE_URL", sqlite_url(&db))
-        .env("HERALD_ADMIN_TOKEN", admin)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
-    let mut server = Server { child, port, log };
-    server.wait_healthy().await;
+    let server = Server::start_with(dir.path(), &db, &[("HERALD_ADMIN_TOKEN", admin)]).await;
     let (status, _) = server.get("/v1/stats", admin).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = server.get("/v1/stats", "hadm_wrong").await;
@@ -542,20 +536,13 @@ async fn sigterm_closes_sessions_with_1001_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("herald.db");
     let admin = "hadm_sigterm_test_0123456789abcdef";
-    let port = free_port();
-    let log = dir.path().join("serve.log");
-    let child = herald(dir.path())
-        .arg("serve")
-        .env("RUST_LOG", "debug")
-        .env("HERALD_BIND", format!("127.0.0.1:{port}"))
-        .env("HERALD_DATABASE_URL", sqlite_url(&db))
-        .env("HERALD_ADMIN_TOKEN", admin)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
-    let mut server = Server { child, port, log };
-    server.wait_healthy().await;
+    let mut server = Server::start_with(
+        dir.path(),
+        &db,
+        &[("HERALD_ADMIN_TOKEN", admin), ("RUST_LOG", "debug")],
+    )
+    .await;
+    let port = server.port;
     let http = crate::helpers::http_client();
     let mut res = http
         .post(server.url("/v1/service-keys"))
