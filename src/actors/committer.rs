@@ -41,6 +41,31 @@ struct WaitingPost {
     reply: Reply,
 }
 
+/// A post's caller while its batch is written; the post itself travels in the batch.
+struct Waiter {
+    reply: Reply,
+    /// `(poster, idempotency key)`, if the post has a key.
+    idem: Option<(String, String)>,
+}
+
+impl WaitingPost {
+    /// Splits off the caller, so the post can move into the batch without a copy.
+    fn split(self) -> (batch::PostInput, Waiter) {
+        let idem = self
+            .post
+            .idempotency_key
+            .clone()
+            .map(|k| (self.post.poster.clone(), k));
+        (
+            self.post,
+            Waiter {
+                reply: self.reply,
+                idem,
+            },
+        )
+    }
+}
+
 /// Posts sharing one `(poster, idempotency key)` while the first is being answered.
 enum Idem {
     /// The first is on its way; these replies wait for its answer.
@@ -103,7 +128,7 @@ impl Committer {
     }
 
     /// Takes up to `MAX_BATCH_WEIGHT` rows of work, dropping posts whose caller gave up.
-    fn take_batch(&mut self) -> (WriteBatch, Vec<WaitingPost>) {
+    fn take_batch(&mut self) -> (WriteBatch, Vec<Waiter>) {
         let mut batch = std::mem::take(&mut self.next);
         let now = Instant::now();
         let mut weight = batch.weight();
@@ -126,16 +151,18 @@ impl Committer {
         self.posts = rest;
         // Through `answer`, so repeats waiting on the same idempotency key are answered too.
         for w in late {
-            self.answer(&w.post, w.reply, Err(PostRejection::Timeout), None);
+            let (_, waiter) = w.split();
+            self.answer(waiter, Err(PostRejection::Timeout), None);
         }
-        batch.posts = taken.iter().map(|w| w.post.clone()).collect();
-        (batch, taken)
+        let (posts, waiters) = taken.into_iter().map(WaitingPost::split).unzip();
+        batch.posts = posts;
+        (batch, waiters)
     }
 
     fn finish(
         &mut self,
         batch: WriteBatch,
-        waiting: Vec<WaitingPost>,
+        waiting: Vec<Waiter>,
         res: Result<BatchResult, JobError>,
         ctx: &mut Context<Self>,
     ) {
@@ -156,7 +183,7 @@ impl Committer {
                     JobError::Unavailable(_) => PostRejection::Unavailable,
                 };
                 for w in waiting {
-                    self.answer(&w.post, w.reply, Err(why.clone()), None);
+                    self.answer(w, Err(why.clone()), None);
                 }
                 self.requeue(batch);
                 ctx.run_later(RETRY_PAUSE, |act, ctx| act.wake(ctx));
@@ -179,7 +206,8 @@ impl Committer {
         let committed_at = Instant::now();
         let mut published = Vec::new();
         let mut to_answer = Vec::new();
-        for (w, outcome) in waiting.into_iter().zip(result.posts) {
+        // `batch.posts`, `waiting` and `result.posts` line up one to one.
+        for ((post, w), outcome) in batch.posts.iter().zip(waiting).zip(result.posts) {
             match outcome {
                 PostOutcome::Created {
                     seq,
@@ -188,9 +216,8 @@ impl Committer {
                     device_ids,
                 } => {
                     Counters::add(&self.counters.accepted, 1);
-                    let frame =
-                        notification_frame(&w.post.id, created_at, expires_at, &w.post.payload);
-                    let answer = answer_of(&w.post.id, created_at, expires_at, device_ids.len(), 0);
+                    let frame = notification_frame(&post.id, created_at, expires_at, &post.payload);
+                    let answer = answer_of(&post.id, created_at, expires_at, device_ids.len(), 0);
                     published.push((
                         Outbound {
                             seq,
@@ -210,9 +237,9 @@ impl Committer {
                         row.device_count as usize,
                         row.delivered_now.unwrap_or(0) as u32,
                     );
-                    self.answer(&w.post, w.reply, Ok(answer), None);
+                    self.answer(w, Ok(answer), None);
                 }
-                PostOutcome::Rejected(why) => self.answer(&w.post, w.reply, Err(why), None),
+                PostOutcome::Rejected(why) => self.answer(w, Err(why), None),
             }
         }
         if published.is_empty() {
@@ -236,13 +263,13 @@ impl Committer {
             .map(move |counts, act, ctx| {
                 for (i, (w, seq, mut answer)) in to_answer.into_iter().enumerate() {
                     answer.delivered_now = counts.get(i).copied().unwrap_or(0);
-                    let stored = w.post.idempotency_key.as_ref().map(|_| seq);
+                    let stored = w.idem.as_ref().map(|_| seq);
                     if stored.is_some() {
                         act.next
                             .delivered_now
                             .push((seq, answer.delivered_now as i32));
                     }
-                    act.answer(&w.post, w.reply, Ok(answer), stored);
+                    act.answer(w, Ok(answer), stored);
                 }
                 act.wake(ctx);
             });
@@ -255,16 +282,14 @@ impl Committer {
     /// notification's answer (`stored` is its seq) is kept until its `delivered_now` is written.
     fn answer(
         &mut self,
-        post: &batch::PostInput,
-        reply: Reply,
+        w: Waiter,
         result: Result<PostAnswer, PostRejection>,
         stored: Option<i64>,
     ) {
-        let _ = reply.send(result.clone());
-        let Some(key) = &post.idempotency_key else {
+        let _ = w.reply.send(result.clone());
+        let Some(k) = w.idem else {
             return;
         };
-        let k = (post.poster.clone(), key.clone());
         if let Some(Idem::InFlight {
             waiters,
             request_hash,
@@ -364,7 +389,9 @@ impl Handler<Flush> for Committer {
         fut.into_actor(self)
             .map(move |res, act, ctx| {
                 act.writing = false;
-                let batch = Arc::try_unwrap(batch).unwrap_or_default();
+                // The job has dropped its handle once it ran; a copy is made only if it has not
+                // (its deadline passed while it waited), so the acks can be queued again.
+                let batch = Arc::unwrap_or_clone(batch);
                 act.finish(batch, waiting, res, ctx);
                 // Even after a failed batch: its acks are queued again, and a replay that runs
                 // now at worst sends a notification once more (delivery is at least once).

@@ -76,7 +76,7 @@ pub enum PostOutcome {
 }
 
 /// Everything gathered for one transaction.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct WriteBatch {
     pub posts: Vec<PostInput>,
     /// `(device_id, notification ids)`.
