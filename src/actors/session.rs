@@ -96,6 +96,8 @@ pub struct Session {
     close_reason: &'static str,
     /// The close code the session ended with (1006: the connection dropped without one).
     close_code: u16,
+    /// Live deliveries written but not yet reported to the Committer (reported in bursts).
+    unreported: Vec<i64>,
 }
 
 /// Starts a session on an upgraded request.
@@ -126,6 +128,7 @@ pub fn start(
         left: false,
         close_reason: "connection ended",
         close_code: 1006,
+        unreported: Vec::new(),
     };
     ws::WsResponseBuilder::new(session, req, stream)
         .frame_size(max_frame)
@@ -211,6 +214,7 @@ impl Session {
         if std::mem::replace(&mut self.left, true) {
             return;
         }
+        self.flush_delivered();
         self.deps.presence.do_send(Unregister {
             session_id: self.id.clone(),
             device_id: self.device.device_id.clone(),
@@ -358,6 +362,12 @@ impl Session {
         Some(item.seq)
     }
 
+    /// Reports the live deliveries gathered so far.
+    fn flush_delivered(&mut self) {
+        let seqs = std::mem::take(&mut self.unreported);
+        self.report_delivered(seqs);
+    }
+
     fn report_delivered(&self, seqs: Vec<i64>) {
         if !seqs.is_empty() {
             self.deps.committer.do_send(RecordDelivered {
@@ -372,6 +382,8 @@ impl Session {
             Ok(ClientFrame::Ping) => ctx.text(protocol::PONG_FRAME),
             Ok(ClientFrame::Ack { ids }) => {
                 if !ids.is_empty() {
+                    // Delivery marks go first, so an acked delivery also has its delivered_at.
+                    self.flush_delivered();
                     self.deps.committer.do_send(RecordAck {
                         device_id: self.device.device_id.clone(),
                         ids,
@@ -496,10 +508,27 @@ impl Handler<Deliver> for Session {
             }
             Phase::Live => {
                 if let Some(seq) = self.write_live(ctx, item, now_ms()) {
-                    self.report_delivered(vec![seq]);
+                    // One report for a burst: the flush runs after the messages already queued.
+                    self.unreported.push(seq);
+                    if self.unreported.len() == 1 {
+                        ctx.notify(FlushDelivered);
+                    }
                 }
             }
         }
+    }
+}
+
+/// Session → itself: report the live deliveries gathered since the last report.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FlushDelivered;
+
+impl Handler<FlushDelivered> for Session {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushDelivered, _: &mut Self::Context) {
+        self.flush_delivered();
     }
 }
 
