@@ -3,10 +3,10 @@
 //! file (SQLite only: the CLI is the same code for both backends).
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
 
 use awc::http::StatusCode;
 use serde_json::Value;
@@ -14,34 +14,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::both_backends;
 use crate::helpers::{connect_request, spawn_app, Backend, Device};
-
-/// Every setting the binary reads from the environment: cleared so the caller's shell cannot
-/// leak into a test.
-const HERALD_ENV: &[&str] = &[
-    "HERALD_BIND",
-    "HERALD_DATABASE_URL",
-    "HERALD_ADMIN_TOKEN",
-    "HERALD_ADMIN_TOKEN_FILE",
-    "HERALD_DB_POOL_SIZE",
-    "HERALD_DB_QUEUE_LIMIT",
-    "HERALD_DB_DEADLINE_MS",
-    "HERALD_HEARTBEAT_INTERVAL_MS",
-    "HERALD_WS_MAX_FRAME_BYTES",
-    "HERALD_MAX_BODY_BYTES",
-    "HERALD_WORKERS",
-    "HERALD_RETENTION_SECONDS",
-    "HERALD_PURGE_INTERVAL_MS",
-];
-
-/// `herald` with a clean environment, run in `dir`.
-fn herald(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    for var in HERALD_ENV {
-        cmd.env_remove(var);
-    }
-    cmd.env("RUST_LOG", "info").current_dir(dir);
-    cmd
-}
+use crate::process::{herald, Server};
 
 /// Runs `herald args…` to completion.
 fn run(dir: &Path, args: &[&str]) -> Output {
@@ -79,111 +52,6 @@ fn printed_secret(out: &Output) -> String {
         "a high-entropy token: {secret:?}"
     );
     secret
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// A `herald serve` child, killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Server {
-    /// Starts `herald serve` on a free port with this database and waits for `/healthz`.
-    async fn start(dir: &Path, db: &Path) -> Server {
-        Self::start_with(dir, db, &[]).await
-    }
-
-    /// Like `start`, with more environment variables (`HERALD_ADMIN_TOKEN`, `RUST_LOG`, …).
-    async fn start_with(dir: &Path, db: &Path, env: &[(&str, &str)]) -> Server {
-        let port = free_port();
-        let log = dir.join(format!("serve-{port}.log"));
-        let child = herald(dir)
-            .arg("serve")
-            .env("HERALD_BIND", format!("127.0.0.1:{port}"))
-            .env("HERALD_DATABASE_URL", sqlite_url(db))
-            .envs(env.iter().copied())
-            .stdout(Stdio::from(
-                fs::File::create(dir.join("serve.out")).unwrap(),
-            ))
-            .stderr(Stdio::from(fs::File::create(&log).unwrap()))
-            .spawn()
-            .expect("herald serve starts");
-        let mut server = Server { child, port, log };
-        server.wait_healthy().await;
-        server
-    }
-
-    async fn wait_healthy(&mut self) {
-        let client = awc::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .finish();
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("herald serve exited with {status}:\n{}", self.log_text());
-            }
-            if let Ok(res) = client.get(self.url("/healthz")).send().await {
-                if res.status() == StatusCode::OK {
-                    return;
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "herald serve never became healthy:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, path)
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// GET with a bearer token; status and JSON body.
-    async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
-        let client = awc::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .finish();
-        let mut res = client
-            .get(self.url(path))
-            .insert_header(("Authorization", format!("Bearer {token}")))
-            .send()
-            .await
-            .expect("an answer");
-        let body = res.body().await.expect("a body");
-        let value = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&body).expect("a JSON body")
-        };
-        (res.status(), value)
-    }
-
-    /// Stops the server (SIGKILL through its own handle) and returns its log.
-    fn stop(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.log_text()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 both_backends!(cli_credentials_work_on_a_running_node);
@@ -387,7 +255,7 @@ async fn serve_generates_an_admin_token_file_and_honours_cli_credentials() {
     assert_success(&out, "device create");
     let token = printed_secret(&out);
 
-    let server = Server::start(dir.path(), &db).await;
+    let server = Server::start(dir.path(), &sqlite_url(&db), &[]).await;
     let token_file = data.join("herald-admin.token");
     assert!(
         token_file.exists(),
@@ -444,7 +312,7 @@ async fn serve_generates_an_admin_token_file_and_honours_cli_credentials() {
     assert!(!log.contains(&key) && !log.contains(&token));
 
     // A restart reads the same token back and does not rewrite it.
-    let server = Server::start(dir.path(), &db).await;
+    let server = Server::start(dir.path(), &sqlite_url(&db), &[]).await;
     assert_eq!(
         fs::read_to_string(&token_file).unwrap().trim(),
         admin,
@@ -463,7 +331,12 @@ async fn serve_takes_the_admin_token_from_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("herald.db");
     let admin = "hadm_from_the_environment_0123456789abcdef";
-    let server = Server::start_with(dir.path(), &db, &[("HERALD_ADMIN_TOKEN", admin)]).await;
+    let server = Server::start(
+        dir.path(),
+        &sqlite_url(&db),
+        &[("HERALD_ADMIN_TOKEN", admin)],
+    )
+    .await;
     let (status, _) = server.get("/v1/stats", admin).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = server.get("/v1/stats", "hadm_wrong").await;
@@ -536,9 +409,9 @@ async fn sigterm_closes_sessions_with_1001_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("herald.db");
     let admin = "hadm_sigterm_test_0123456789abcdef";
-    let mut server = Server::start_with(
+    let mut server = Server::start(
         dir.path(),
-        &db,
+        &sqlite_url(&db),
         &[("HERALD_ADMIN_TOKEN", admin), ("RUST_LOG", "debug")],
     )
     .await;
@@ -571,24 +444,9 @@ async fn sigterm_closes_sessions_with_1001_and_exits_cleanly() {
     let mut ws = connect_request(addr, req).await.expect("upgrade");
     assert_eq!(ws.recv_json().await["type"], "hello");
 
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(server.child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    server.signal("-TERM");
     assert_eq!(ws.expect_close().await, Some(1001));
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(exit) = server.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "herald did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exit = server.exited(Duration::from_secs(15)).await;
     assert!(exit.success(), "exit status {exit}");
     let log = server.log_text();
     assert!(log.contains("SIGTERM"), "{log}");

@@ -12,6 +12,7 @@ mod load;
 mod metrics;
 mod operations;
 mod outage;
+mod process;
 mod protocol;
 mod regression;
 mod sessions;

@@ -2,11 +2,8 @@
 //! Shutdown and crash tests run `herald serve` as a real child process on the test's database.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use awc::http::StatusCode;
 use serde_json::json;
@@ -14,99 +11,18 @@ use serde_json::json;
 use crate::both_backends;
 use crate::helpers::*;
 use crate::load::{check_inboxes, make_devices, spawn_reader, wait_for_inboxes, Inbox};
+use crate::process::Server;
 
 const ADMIN: &str = "hadm_operations_test_0123456789abcdef";
 
-/// `herald serve` as a child process on `db_url`.
-struct Node {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Node {
-    async fn start(db_url: &str, dir: &std::path::Path) -> Node {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = dir.join(format!("serve-{port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("serve")
-            .env("RUST_LOG", "info")
-            .env("HERALD_BIND", format!("127.0.0.1:{port}"))
-            .env("HERALD_DATABASE_URL", db_url)
-            .env("HERALD_ADMIN_TOKEN", ADMIN)
-            .env("HERALD_WORKERS", "2")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .expect("herald serve starts");
-        let mut node = Node { child, port, log };
-        let app = node.app();
-        let start = Instant::now();
-        loop {
-            if let Some(exit) = node.child.try_wait().unwrap() {
-                panic!("herald serve exited with {exit}: {}", node.log_text());
-            }
-            let healthy = app
-                .http
-                .get(app.url("/healthz"))
-                .send()
-                .await
-                .map(|r| r.status() == StatusCode::OK);
-            if healthy.unwrap_or(false) {
-                return node;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "never healthy: {}",
-                node.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn app(&self) -> TestApp {
-        TestApp::attach(self.port, ADMIN)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(sig)
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    /// Waits for the process to exit; returns whether it exited with status 0.
-    async fn exited(&mut self, within: Duration) -> bool {
-        let start = Instant::now();
-        loop {
-            if let Some(exit) = self.child.try_wait().unwrap() {
-                return exit.success();
-            }
-            assert!(
-                start.elapsed() < within,
-                "herald did not exit: {}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `herald serve` as a child process on `db_url`, with the admin token of these tests.
+async fn start_node(db_url: &str, dir: &std::path::Path) -> Server {
+    Server::start(
+        dir,
+        db_url,
+        &[("HERALD_ADMIN_TOKEN", ADMIN), ("HERALD_WORKERS", "2")],
+    )
+    .await
 }
 
 both_backends!(
@@ -121,8 +37,8 @@ both_backends!(
 async fn sigterm_under_load_loses_no_accepted_notification(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::new(b);
-    let mut node = Node::start(&db.url, dir.path()).await;
-    let app = node.app();
+    let mut node = start_node(&db.url, dir.path()).await;
+    let app = node.app(ADMIN);
     let key = app.service_key().await;
     let devices = make_devices(&app, &key, 50, 4).await;
     let sessions = futures_util::future::join_all(devices.iter().map(|d| app.connect(d))).await;
@@ -202,7 +118,7 @@ async fn sigterm_under_load_loses_no_accepted_notification(b: Backend) {
         r.await.unwrap();
     }
     assert!(
-        node.exited(Duration::from_secs(15)).await,
+        node.exited(Duration::from_secs(15)).await.success(),
         "exit status 0: {}",
         node.log_text()
     );
@@ -217,8 +133,8 @@ async fn sigterm_under_load_loses_no_accepted_notification(b: Backend) {
     );
 
     // The next node on the same database starts with nobody online, and replays the rest.
-    let node = Node::start(&db.url, dir.path()).await;
-    let app = node.app();
+    let node = start_node(&db.url, dir.path()).await;
+    let app = node.app(ADMIN);
     assert_eq!(app.presence().await["online_devices"], 0);
     let sessions = futures_util::future::join_all(devices.iter().map(|d| app.connect(d))).await;
     for (d, ws) in devices.iter().zip(sessions) {
@@ -235,8 +151,8 @@ async fn sigterm_under_load_loses_no_accepted_notification(b: Backend) {
 async fn kill_9_then_restart_leaves_presence_empty_and_replays_pending(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::new(b);
-    let mut node = Node::start(&db.url, dir.path()).await;
-    let app = node.app();
+    let mut node = start_node(&db.url, dir.path()).await;
+    let app = node.app(ADMIN);
     let key = app.service_key().await;
     let online = app.device(&key, "kim").await;
     let offline = app.device(&key, "lee").await;
@@ -266,8 +182,8 @@ async fn kill_9_then_restart_leaves_presence_empty_and_replays_pending(b: Backen
         "the session is gone with the node"
     );
 
-    let node = Node::start(&db.url, dir.path()).await;
-    let app = node.app();
+    let node = start_node(&db.url, dir.path()).await;
+    let app = node.app(ADMIN);
     let page = app.presence().await;
     assert_eq!(page["online_devices"], 0, "{page}");
     assert_eq!(
