@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::net::{self, HttpConn, Sources};
-use crate::report::{instant_at, now_ns, round, Lat, Statuses};
+use crate::report::{instant_at, now_ns, pace, round, Lat, Statuses};
 
 /// What every Herald scenario needs.
 pub struct Ctx {
@@ -798,12 +798,7 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
     let mut lag_max = 0u64;
     for seq in 0..total {
         let sent_ns = t0 + (seq as f64 * interval) as u64;
-        let now = now_ns();
-        if sent_ns > now + 200_000 {
-            tokio::time::sleep_until(instant_at(sent_ns).into()).await;
-        } else {
-            lag_max = lag_max.max(now.saturating_sub(sent_ns));
-        }
+        pace(sent_ns, &mut lag_max).await;
         let _ = job_tx.send(Job { seq, sent_ns });
     }
     drop(job_tx);

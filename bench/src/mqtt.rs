@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::herald::{finish, Collector, Ev, Payload};
 use crate::net;
-use crate::report::{instant_at, now_ns, round, Lat, Statuses};
+use crate::report::{instant_at, now_ns, pace, round, Lat, Statuses};
 
 #[derive(Clone, Debug)]
 pub struct MqttOpts {
@@ -332,12 +332,7 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
     let mut lag_max = 0u64;
     for seq in 0..total {
         let sent_ns = t0 + (seq as f64 * interval) as u64;
-        let now = now_ns();
-        if sent_ns > now + 200_000 {
-            tokio::time::sleep_until(instant_at(sent_ns).into()).await;
-        } else {
-            lag_max = lag_max.max(now.saturating_sub(sent_ns));
-        }
+        pace(sent_ns, &mut lag_max).await;
         let j = seq as usize % p;
         let (client, order) = &pubs[j];
         let payload = format!(r#"{{"run":"{run}","seq":{seq},"t":{sent_ns}}}"#);

@@ -105,3 +105,15 @@ pub fn write(path: &std::path::Path, report: &Value) -> std::io::Result<()> {
     text.push('\n');
     std::fs::write(path, text)
 }
+
+/// Open-loop pacing: waits until the intended send time `sent_ns` if it is still ahead, and
+/// otherwise records in `lag_max` how far behind schedule the sender is. Latency is always
+/// measured from `sent_ns`, never from when the send actually happened.
+pub async fn pace(sent_ns: u64, lag_max: &mut u64) {
+    let now = now_ns();
+    if sent_ns > now + 200_000 {
+        tokio::time::sleep_until(instant_at(sent_ns).into()).await;
+    } else {
+        *lag_max = (*lag_max).max(now.saturating_sub(sent_ns));
+    }
+}
