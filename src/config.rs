@@ -15,6 +15,16 @@ pub const DEFAULT_WS_MAX_FRAME_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 512 * 1024;
 pub const DEFAULT_RETENTION_SECONDS: u64 = 86_400;
 pub const DEFAULT_PURGE_INTERVAL_MS: u64 = 60_000;
+pub const DEFAULT_WS_OUTBOUND_MAX_BYTES: usize = 512 * 1024;
+pub const DEFAULT_WS_OUTBOUND_MAX_FRAMES: usize = 2048;
+pub const DEFAULT_WS_SLOW_GRACE_MS: u64 = 10_000;
+pub const DEFAULT_WS_MAX_FRAMES_PER_SECOND: u32 = 200;
+pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 100;
+pub const DEFAULT_CONNECT_RATE_PER_IP: f64 = 50.0;
+pub const DEFAULT_CONNECT_BURST_PER_IP: u32 = 500;
+pub const DEFAULT_AUTH_FAILURE_RATE_PER_IP: f64 = 1.0;
+pub const DEFAULT_AUTH_FAILURE_BURST_PER_IP: u32 = 100;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 
 /// A secret from the command line or environment; `Debug` never shows it.
 #[derive(Clone)]
@@ -98,6 +108,55 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_PURGE_INTERVAL_MS", default_value_t = DEFAULT_PURGE_INTERVAL_MS)]
     pub purge_interval_ms: u64,
 
+    /// Bytes of frames waiting for a device's socket past which live pushes stop and the session
+    /// catches up from the database once the device reads.
+    #[arg(long, env = "HERALD_WS_OUTBOUND_MAX_BYTES", default_value_t = DEFAULT_WS_OUTBOUND_MAX_BYTES)]
+    pub ws_outbound_max_bytes: usize,
+
+    /// Frames waiting for a device's socket past which the same happens.
+    #[arg(long, env = "HERALD_WS_OUTBOUND_MAX_FRAMES", default_value_t = DEFAULT_WS_OUTBOUND_MAX_FRAMES)]
+    pub ws_outbound_max_frames: usize,
+
+    /// How long a device may leave its outbound buffer full before it is closed with 4008.
+    #[arg(long, env = "HERALD_WS_SLOW_GRACE_MS", default_value_t = DEFAULT_WS_SLOW_GRACE_MS)]
+    pub ws_slow_grace_ms: u64,
+
+    /// Frames per second a device may send (bursts of ten seconds' worth); past it its socket is
+    /// read no faster. 0: no limit.
+    #[arg(long, env = "HERALD_WS_MAX_FRAMES_PER_SECOND", default_value_t = DEFAULT_WS_MAX_FRAMES_PER_SECOND)]
+    pub ws_max_frames_per_second: u32,
+
+    /// Devices of one user that may be online at once (429 past it). 0: no limit.
+    #[arg(long, env = "HERALD_MAX_SESSIONS_PER_USER", default_value_t = DEFAULT_MAX_SESSIONS_PER_USER)]
+    pub max_sessions_per_user: usize,
+
+    /// WebSocket connection attempts per second from one address (429 past it). 0: no limit.
+    #[arg(long, env = "HERALD_CONNECT_RATE_PER_IP", default_value_t = DEFAULT_CONNECT_RATE_PER_IP)]
+    pub connect_rate_per_ip: f64,
+
+    /// Connection attempts one address may make at once before the rate applies.
+    #[arg(long, env = "HERALD_CONNECT_BURST_PER_IP", default_value_t = DEFAULT_CONNECT_BURST_PER_IP)]
+    pub connect_burst_per_ip: u32,
+
+    /// Requests with a wrong credential per second from one address once its burst is spent;
+    /// past it every authenticated request from the address is answered 429. 0: no limit.
+    #[arg(long, env = "HERALD_AUTH_FAILURE_RATE_PER_IP", default_value_t = DEFAULT_AUTH_FAILURE_RATE_PER_IP)]
+    pub auth_failure_rate_per_ip: f64,
+
+    /// Requests with a wrong credential one address may make at once.
+    #[arg(long, env = "HERALD_AUTH_FAILURE_BURST_PER_IP", default_value_t = DEFAULT_AUTH_FAILURE_BURST_PER_IP)]
+    pub auth_failure_burst_per_ip: u32,
+
+    /// Proxies (comma-separated IP addresses) whose `X-Forwarded-For` names the client for the
+    /// per-address limits. Unset: the peer address is the client.
+    #[arg(long, env = "HERALD_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+
+    /// How long a connection may take to send its request head (a WebSocket upgrade included)
+    /// before it is dropped.
+    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT_MS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT_MS)]
+    pub handshake_timeout_ms: u64,
+
     /// HTTP worker threads [default: one per CPU core].
     #[arg(long, env = "HERALD_WORKERS")]
     pub workers: Option<usize>,
@@ -121,6 +180,17 @@ impl ServeArgs {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             retention_seconds: DEFAULT_RETENTION_SECONDS,
             purge_interval_ms: DEFAULT_PURGE_INTERVAL_MS,
+            ws_outbound_max_bytes: DEFAULT_WS_OUTBOUND_MAX_BYTES,
+            ws_outbound_max_frames: DEFAULT_WS_OUTBOUND_MAX_FRAMES,
+            ws_slow_grace_ms: DEFAULT_WS_SLOW_GRACE_MS,
+            ws_max_frames_per_second: DEFAULT_WS_MAX_FRAMES_PER_SECOND,
+            max_sessions_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
+            connect_rate_per_ip: DEFAULT_CONNECT_RATE_PER_IP,
+            connect_burst_per_ip: DEFAULT_CONNECT_BURST_PER_IP,
+            auth_failure_rate_per_ip: DEFAULT_AUTH_FAILURE_RATE_PER_IP,
+            auth_failure_burst_per_ip: DEFAULT_AUTH_FAILURE_BURST_PER_IP,
+            trusted_proxies: Vec::new(),
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             workers: None,
         }
     }

@@ -17,6 +17,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds for `Retry-After` (a `429`; every `503` carries one too).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -25,6 +27,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+    /// `429 Too Many Requests`, with the seconds after which a retry can succeed.
+    pub fn too_many(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
+        ApiError {
+            retry_after: Some(retry_after.max(1)),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
         }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -70,6 +80,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         self.code
     }
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
 }
 
 impl fmt::Display for ApiError {
@@ -91,7 +104,9 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut res = HttpResponse::build(self.status);
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(secs) = self.retry_after {
+            res.insert_header((header::RETRY_AFTER, secs.to_string()));
+        } else if self.status == StatusCode::SERVICE_UNAVAILABLE {
             res.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS.to_string()));
         }
         res.json(serde_json::json!({"error": {"code": self.code, "message": self.message}}))

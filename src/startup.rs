@@ -21,6 +21,7 @@ use crate::actors::session::SessionConfig;
 use crate::config::ServeArgs;
 use crate::db::{Backend, ConnectError};
 use crate::domain::{generate_secret, SecretKind};
+use crate::http::limits::{Limits, RateLimiter};
 use crate::http::{self, AdminCredential, AppState};
 use crate::metrics::Metrics;
 use crate::stats::Counters;
@@ -88,9 +89,26 @@ impl Application {
             session: SessionConfig {
                 heartbeat: args.heartbeat(),
                 max_frame_bytes: args.ws_max_frame_bytes,
+                max_outbound_bytes: args.ws_outbound_max_bytes.max(1024),
+                max_outbound_frames: args.ws_outbound_max_frames.max(16),
+                max_sessions_per_user: args.max_sessions_per_user,
+                slow_grace: Duration::from_millis(args.ws_slow_grace_ms),
+                max_frames_per_second: args.ws_max_frames_per_second,
             },
             max_body_bytes: args.max_body_bytes,
+            limits: Arc::new(Limits {
+                connects: RateLimiter::new(args.connect_rate_per_ip, args.connect_burst_per_ip),
+                auth_failures: RateLimiter::new(
+                    args.auth_failure_rate_per_ip,
+                    args.auth_failure_burst_per_ip,
+                ),
+                trusted_proxies: args.trusted_proxies.clone(),
+                max_sessions_per_user: args.max_sessions_per_user,
+            }),
         });
+        // A peer that stops acknowledging what it was sent (gone, or a zero receive window) is
+        // dropped by the kernel after this long, so a stalled connection cannot live forever.
+        let tcp_user_timeout = (args.heartbeat() * 2).max(Duration::from_secs(5));
 
         let listener = TcpListener::bind(&args.bind)?;
         let port = listener.local_addr()?.port();
@@ -115,6 +133,15 @@ impl Application {
                 .app_data(http::query_config())
                 .configure(http::routes)
         })
+        .on_connect(move |conn, _| {
+            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                let sock = socket2::SockRef::from(tcp);
+                if let Err(e) = sock.set_tcp_user_timeout(Some(tcp_user_timeout)) {
+                    log::debug!("cannot set TCP_USER_TIMEOUT: {e}");
+                }
+            }
+        })
+        .client_request_timeout(Duration::from_millis(args.handshake_timeout_ms.max(1)))
         .backlog(LISTEN_BACKLOG)
         .disable_signals()
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS);

@@ -37,8 +37,10 @@ pub struct CloseSession {
 }
 
 /// Session → Presence: this session now serves this device (replacing any older session).
+/// Answers false, registering nothing, if the user already has `max_per_user` other devices
+/// online (0: no limit).
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "bool")]
 pub struct Register {
     pub session_id: String,
     pub device_id: String,
@@ -46,6 +48,17 @@ pub struct Register {
     pub name: String,
     pub connected_at: i64,
     pub addr: Addr<Session>,
+    pub max_per_user: usize,
+}
+
+/// HTTP → Presence: whether a new session of this device would stay within the user's limit of
+/// `max_per_user` live sessions (checked before the upgrade, and again at registration).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct CanConnect {
+    pub user_id: String,
+    pub device_id: String,
+    pub max_per_user: usize,
 }
 
 /// Session → Presence: this session has ended. Ignored if a newer session holds the device.

@@ -8,3 +8,4 @@ pub mod messages;
 pub mod presence;
 pub mod purger;
 pub mod session;
+pub mod socket;

@@ -57,10 +57,35 @@ impl Presence {
     }
 }
 
-impl Handler<Register> for Presence {
-    type Result = ();
+impl Presence {
+    /// Whether `device_id` may come online without its user passing `max_per_user` sessions.
+    fn within_limit(&self, user_id: &str, device_id: &str, max_per_user: usize) -> bool {
+        if max_per_user == 0 {
+            return true;
+        }
+        let others = self
+            .users
+            .get(user_id)
+            .map_or(0, |set| set.len() - usize::from(set.contains(device_id)));
+        others < max_per_user
+    }
+}
 
-    fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
+impl Handler<CanConnect> for Presence {
+    type Result = bool;
+
+    fn handle(&mut self, msg: CanConnect, _: &mut Context<Self>) -> bool {
+        self.within_limit(&msg.user_id, &msg.device_id, msg.max_per_user)
+    }
+}
+
+impl Handler<Register> for Presence {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Register, _: &mut Context<Self>) -> bool {
+        if !self.within_limit(&msg.user_id, &msg.device_id, msg.max_per_user) {
+            return false;
+        }
         if let Some(old) = self.forget(&msg.device_id) {
             log::info!(
                 "device {} session {} replaced by session {}",
@@ -87,6 +112,7 @@ impl Handler<Register> for Presence {
                 addr: msg.addr,
             },
         );
+        true
     }
 }
 

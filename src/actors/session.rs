@@ -2,7 +2,10 @@
 //! replays what the device missed, writes live notifications and forwards acks. It never touches
 //! the database itself: replay pages come from the executor, acks and marks go to the Committer.
 //!
-//! Every use of `actix-web-actors` lives in this file, so moving to `actix-ws` touches only it.
+//! The socket underneath is [`super::socket`]: the session writes frames into an outbox whose
+//! backlog it can see, bounded in bytes and frames; a device that stops reading is closed with
+//! 4008 instead of growing memory, and its notifications stay pending. What a device may send is
+//! bounded too: frame size, frames per second (the socket is read no faster), bad frames.
 //!
 //! Ordering: the session registers with Presence *before* it reads its backlog, so a notification
 //! committed after that read is pushed live, and one committed before it is in the backlog (a
@@ -13,14 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_http::ws::Item as WsItem;
+use actix_http::ws::{CloseCode, CloseReason, Frame, Item as WsItem, Message, ProtocolError};
+use actix_web::body::BodyStream;
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_actors::ws;
 
 use super::committer::Committer;
 use super::db::Db;
 use super::messages::*;
 use super::presence::Presence;
+use super::socket::{FrameStream, SharedOutbox};
 use crate::db::queries;
 use crate::domain::{new_id, now_ms};
 use crate::metrics::Metrics;
@@ -40,6 +44,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLAY_RETRY: Duration = Duration::from_millis(500);
 /// Replay attempts before the session is closed with 1013 (try again later).
 const REPLAY_ATTEMPTS: u32 = 5;
+/// How often a replay waiting for the device to read checks the outbox again.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// The device a session serves, as authenticated at upgrade.
 #[derive(Clone, Debug)]
@@ -54,6 +60,18 @@ pub struct DeviceIdentity {
 pub struct SessionConfig {
     pub heartbeat: Duration,
     pub max_frame_bytes: usize,
+    /// Bytes of frames waiting for the socket past which the session is closed with 4008.
+    pub max_outbound_bytes: usize,
+    /// Frames waiting for the socket past which the session is closed with 4008.
+    pub max_outbound_frames: usize,
+    /// Live sessions one user may hold (0: no limit).
+    pub max_sessions_per_user: usize,
+    /// How long a device may leave its outbox full before it is closed with 4008.
+    pub slow_grace: Duration,
+    /// Frames per second a device may send, with bursts of ten seconds' worth; past it the
+    /// session stops reading the socket until the allowance refills (TCP pushes back on the
+    /// device). 0: no limit.
+    pub max_frames_per_second: u32,
 }
 
 /// What the actors a session talks to are.
@@ -66,9 +84,11 @@ pub struct SessionDeps {
 }
 
 enum Phase {
-    /// Registering, then sending the backlog; live pushes are held back.
+    /// Registering, then sending the backlog; live pushes are held back (bounded in count and
+    /// bytes; past that they are dropped and read from the database instead).
     Replaying {
         held: Vec<Outbound>,
+        held_bytes: usize,
         overflowed: bool,
     },
     /// Sending live pushes as they come.
@@ -98,45 +118,60 @@ pub struct Session {
     close_code: u16,
     /// Live deliveries written but not yet reported to the Committer (reported in bursts).
     unreported: Vec<i64>,
+    /// Frames waiting for the socket.
+    out: SharedOutbox,
+    /// Since when a replay has been waiting for the device to read.
+    stalled_since: Option<Instant>,
 }
 
-/// Starts a session on an upgraded request.
+/// Answers the upgrade and starts a session on it.
 pub fn start(
     req: &HttpRequest,
-    stream: web::Payload,
+    payload: web::Payload,
     device: DeviceIdentity,
     config: SessionConfig,
     deps: SessionDeps,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let max_frame = config.max_frame_bytes;
-    let session = Session {
-        id: new_id(),
-        device,
-        config,
-        deps,
-        phase: Phase::Replaying {
-            held: Vec::new(),
-            overflowed: false,
-        },
-        last_seq: 0,
-        last_heard: Instant::now(),
-        connected_at: now_ms(),
-        bad_frames: 0,
-        bad_window_start: Instant::now(),
-        partial: None,
-        replay_failures: 0,
-        left: false,
-        close_reason: "connection ended",
-        close_code: 1006,
-        unreported: Vec::new(),
-    };
-    ws::WsResponseBuilder::new(session, req, stream)
-        .frame_size(max_frame)
-        .start()
+    let mut res = actix_http::ws::handshake(req.head())?;
+    let out = SharedOutbox::default();
+    let frames = FrameStream::new(
+        payload,
+        config.max_frame_bytes,
+        config.max_frames_per_second,
+    );
+    let body = out.body();
+    Session::create(move |ctx| {
+        ctx.add_stream(frames);
+        Session {
+            id: new_id(),
+            device,
+            config,
+            deps,
+            phase: Phase::Replaying {
+                held: Vec::new(),
+                held_bytes: 0,
+                overflowed: false,
+            },
+            last_seq: 0,
+            last_heard: Instant::now(),
+            connected_at: now_ms(),
+            bad_frames: 0,
+            bad_window_start: Instant::now(),
+            partial: None,
+            replay_failures: 0,
+            left: false,
+            close_reason: "connection ended",
+            close_code: 1006,
+            unreported: Vec::new(),
+            out,
+            stalled_since: None,
+        }
+    });
+    Ok(res.body(BodyStream::new(body)).map_into_boxed_body().into())
 }
 
 impl Actor for Session {
-    type Context = ws::WebsocketContext<Self>;
+    type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         log::info!(
@@ -155,6 +190,7 @@ impl Actor for Session {
             name: self.device.name.clone(),
             connected_at: self.connected_at,
             addr: ctx.address(),
+            max_per_user: self.config.max_sessions_per_user,
         };
         // `wait` pauses this session (and only it) until Presence has registered it, so `hello`
         // is the first frame and a post made after `hello` is routed here.
@@ -164,14 +200,17 @@ impl Actor for Session {
             .into_actor(self)
             .timeout(REGISTER_TIMEOUT)
             .map(|res, act, ctx| match res {
-                Ok(Ok(())) => {
+                Ok(Ok(false)) => {
+                    act.end(ctx, close::POLICY, "too many sessions for this user");
+                }
+                Ok(Ok(true)) => {
                     let hello = protocol::hello_frame(
                         &act.id,
                         &act.device.device_id,
                         &act.device.user_id,
                         act.config.heartbeat.as_millis() as u64,
                     );
-                    ctx.text(hello);
+                    act.send(Message::Text(hello.into()));
                     act.deps.committer.do_send(RecordSeen {
                         device_id: act.device.device_id.clone(),
                         at: act.connected_at,
@@ -192,6 +231,7 @@ impl Actor for Session {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        self.out.finish();
         let secs = (now_ms() - self.connected_at) as f64 / 1000.0;
         log::info!(
             "session {} ended: device {} after {secs:.1}s, close {} ({})",
@@ -226,31 +266,69 @@ impl Session {
     }
 
     /// Leaves, sends a close frame with `code`, and stops.
-    fn end(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &'static str) {
+    fn end(&mut self, ctx: &mut Context<Self>, code: u16, reason: &'static str) {
         self.leave();
         self.close_reason = reason;
         self.close_code = code;
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(code),
+        self.send(Message::Close(Some(CloseReason {
+            code: CloseCode::from(code),
             description: Some(reason.into()),
-        }));
+        })));
         ctx.stop();
     }
 
-    fn start_heartbeat(&self, ctx: &mut ws::WebsocketContext<Self>) {
+    /// Queues a frame for the socket.
+    fn send(&self, msg: Message) {
+        self.out.push(msg);
+    }
+
+    /// Whether a frame of `len` bytes fits in the outbox.
+    fn fits(&self, len: usize) -> bool {
+        let (bytes, frames) = self.out.backlog();
+        bytes + len <= self.config.max_outbound_bytes && frames < self.config.max_outbound_frames
+    }
+
+    /// The outbox is full: live pushes stop and the session catches up from the database once
+    /// the device has read its backlog (the notifications are committed, so nothing is lost).
+    fn fall_behind(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Replaying {
+            held: Vec::new(),
+            held_bytes: 0,
+            overflowed: true,
+        };
+        if self.stalled_since.is_none() {
+            self.stalled_since = Some(Instant::now());
+            self.wait_for_drain(ctx);
+        }
+    }
+
+    /// The device does not read: its backlog is dropped (the notifications in it stay pending
+    /// and are replayed on its next session) and the session is closed with 4008.
+    fn too_slow(&mut self, ctx: &mut Context<Self>) {
+        let (bytes, frames) = self.out.backlog();
+        log::info!(
+            "session {}: device {} is not reading ({frames} frames, {bytes} bytes waiting); closing with 4008",
+            self.id,
+            self.device.device_id
+        );
+        self.out.discard();
+        self.end(ctx, close::TOO_SLOW, "too slow: outbound buffer full");
+    }
+
+    fn start_heartbeat(&self, ctx: &mut Context<Self>) {
         let interval = self.config.heartbeat;
         ctx.run_interval(interval, move |act, ctx| {
             if act.last_heard.elapsed() > interval * 2 {
                 log::info!("session {}: no heartbeat for two intervals", act.id);
                 act.end(ctx, close::NORMAL, "heartbeat timeout");
             } else {
-                ctx.ping(b"");
+                act.send(Message::Ping(web::Bytes::new()));
             }
         });
     }
 
     /// Reads the next page of the backlog and sends it; when the backlog is done, goes live.
-    fn replay_page(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+    fn replay_page(&mut self, ctx: &mut Context<Self>) {
         let device_id = self.device.device_id.clone();
         let after = self.last_seq;
         let db = self.deps.db.clone();
@@ -283,18 +361,27 @@ impl Session {
                 act.replay_failures = 0;
                 let full = rows.len() as i64 == REPLAY_PAGE;
                 let mut seqs = Vec::with_capacity(rows.len());
+                let mut room = true;
                 for r in rows {
-                    ctx.text(protocol::notification_frame(
-                        &r.id,
-                        r.created_at,
-                        r.expires_at,
-                        &r.payload,
-                    ));
+                    let frame =
+                        protocol::notification_frame(&r.id, r.created_at, r.expires_at, &r.payload);
+                    // Replay goes no faster than the device reads: what does not fit now is
+                    // read again from the database once the outbox drains.
+                    if !act.fits(frame.len()) {
+                        room = false;
+                        break;
+                    }
+                    act.send(Message::Text(frame.into()));
                     act.last_seq = r.seq;
                     seqs.push(r.seq);
                 }
                 act.report_delivered(seqs);
-                if full {
+                if !room {
+                    if act.stalled_since.is_none() {
+                        act.stalled_since = Some(Instant::now());
+                        act.wait_for_drain(ctx);
+                    }
+                } else if full {
                     act.replay_page(ctx);
                 } else {
                     act.finish_replay(ctx);
@@ -317,14 +404,39 @@ impl Session {
         .spawn(ctx);
     }
 
-    fn finish_replay(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        let Phase::Replaying { held, overflowed } = std::mem::replace(
+    /// Resumes the replay once the device has read half of its backlog; a device that does not
+    /// within the slow-consumer grace is closed with 4008.
+    fn wait_for_drain(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_later(DRAIN_POLL, |act, ctx| {
+            let (bytes, frames) = act.out.backlog();
+            if bytes <= act.config.max_outbound_bytes / 2
+                && frames <= act.config.max_outbound_frames / 2
+            {
+                act.stalled_since = None;
+                act.replay_page(ctx);
+            } else if act
+                .stalled_since
+                .is_some_and(|t| t.elapsed() > act.config.slow_grace)
+            {
+                act.too_slow(ctx);
+            } else {
+                act.wait_for_drain(ctx);
+            }
+        });
+    }
+
+    fn finish_replay(&mut self, ctx: &mut Context<Self>) {
+        let Phase::Replaying {
+            held, overflowed, ..
+        } = std::mem::replace(
             &mut self.phase,
             Phase::Replaying {
                 held: Vec::new(),
+                held_bytes: 0,
                 overflowed: false,
             },
-        ) else {
+        )
+        else {
             return;
         };
         if overflowed {
@@ -336,30 +448,34 @@ impl Session {
         let now = now_ms();
         let mut seqs = Vec::new();
         for item in held {
-            if let Some(seq) = self.write_live(ctx, item, now) {
-                seqs.push(seq);
+            match self.write_live(item, now) {
+                Written::Sent(seq) => seqs.push(seq),
+                Written::Skipped => {}
+                Written::NoRoom => {
+                    self.report_delivered(seqs);
+                    return self.fall_behind(ctx);
+                }
             }
         }
         self.report_delivered(seqs);
     }
 
-    /// Writes one live notification unless it was already sent or has expired.
-    fn write_live(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        item: Outbound,
-        now: i64,
-    ) -> Option<i64> {
+    /// Writes one live notification unless it was already sent or has expired, or there is no
+    /// room for it.
+    fn write_live(&mut self, item: Outbound, now: i64) -> Written {
         if item.seq <= self.last_seq || item.expires_at <= now {
-            return None;
+            return Written::Skipped;
+        }
+        if !self.fits(item.frame.len()) {
+            return Written::NoRoom;
         }
         self.last_seq = item.seq;
-        ctx.text(item.frame);
+        self.send(Message::Text(item.frame));
         self.deps
             .metrics
             .delivery_latency
             .observe(item.committed_at.elapsed().as_secs_f64());
-        Some(item.seq)
+        Written::Sent(item.seq)
     }
 
     /// Reports the live deliveries gathered so far.
@@ -377,9 +493,9 @@ impl Session {
         }
     }
 
-    fn text(&mut self, ctx: &mut ws::WebsocketContext<Self>, text: &str) {
+    fn text(&mut self, ctx: &mut Context<Self>, text: &str) {
         match protocol::decode_client_frame(text) {
-            Ok(ClientFrame::Ping) => ctx.text(protocol::PONG_FRAME),
+            Ok(ClientFrame::Ping) => self.send(Message::Text(protocol::PONG_FRAME.into())),
             Ok(ClientFrame::Ack { ids }) => {
                 if !ids.is_empty() {
                     // Delivery marks go first, so an acked delivery also has its delivered_at.
@@ -391,14 +507,14 @@ impl Session {
                 }
             }
             Err(err) => {
-                ctx.text(protocol::error_frame(&err));
+                self.send(Message::Text(protocol::error_frame(&err).into()));
                 self.bad_frame(ctx);
             }
         }
     }
 
     /// Counts a bad frame; too many within the window close the session with 1008.
-    fn bad_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+    fn bad_frame(&mut self, ctx: &mut Context<Self>) {
         if self.bad_window_start.elapsed() > BAD_FRAME_WINDOW {
             self.bad_window_start = Instant::now();
             self.bad_frames = 0;
@@ -410,8 +526,17 @@ impl Session {
     }
 }
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
-    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+/// What became of a live notification.
+enum Written {
+    Sent(i64),
+    /// Already sent, or expired.
+    Skipped,
+    /// The outbox is full: the device is not reading.
+    NoRoom,
+}
+
+impl StreamHandler<Result<Frame, ProtocolError>> for Session {
+    fn handle(&mut self, msg: Result<Frame, ProtocolError>, ctx: &mut Self::Context) {
         // A bug that panics while handling one device's frame ends that session through the
         // usual cleanup (presence forgets it), instead of taking the worker's other sessions down.
         let handled =
@@ -436,28 +561,30 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
 }
 
 impl Session {
-    fn frame(
-        &mut self,
-        msg: Result<ws::Message, ws::ProtocolError>,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
+    fn frame(&mut self, msg: Result<Frame, ProtocolError>, ctx: &mut Context<Self>) {
+        if self.left {
+            return;
+        }
         self.last_heard = Instant::now();
         match msg {
-            Ok(ws::Message::Text(text)) => self.text(ctx, &text),
-            Ok(ws::Message::Ping(bytes)) => ctx.pong(&bytes),
-            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
-            Ok(ws::Message::Binary(_)) => {
+            Ok(Frame::Text(bytes)) => match std::str::from_utf8(&bytes) {
+                Ok(text) => self.text(ctx, text),
+                Err(_) => self.end(ctx, close::POLICY, "text frame is not UTF-8"),
+            },
+            Ok(Frame::Ping(bytes)) => self.send(Message::Pong(bytes)),
+            Ok(Frame::Pong(_)) => {}
+            Ok(Frame::Binary(_)) => {
                 self.end(ctx, close::UNSUPPORTED, "binary frames are not supported")
             }
-            Ok(ws::Message::Continuation(item)) => self.continuation(ctx, item),
-            Ok(ws::Message::Close(reason)) => {
+            Ok(Frame::Continuation(item)) => self.continuation(ctx, item),
+            Ok(Frame::Close(reason)) => {
                 self.leave();
                 self.close_reason = "closed by the device";
                 self.close_code = reason.as_ref().map_or(1005, |r| u16::from(r.code));
-                ctx.close(reason);
+                self.send(Message::Close(reason));
                 ctx.stop();
             }
-            Err(ws::ProtocolError::Overflow) => self.end(ctx, close::TOO_BIG, "frame too big"),
+            Err(ProtocolError::Overflow) => self.end(ctx, close::TOO_BIG, "frame too big"),
             Err(e) => {
                 log::debug!("session {}: protocol error: {e}", self.id);
                 self.end(ctx, close::POLICY, "protocol error");
@@ -468,7 +595,7 @@ impl Session {
 
 impl Session {
     /// Reassembles a fragmented text message, bounded by the frame size limit.
-    fn continuation(&mut self, ctx: &mut ws::WebsocketContext<Self>, item: WsItem) {
+    fn continuation(&mut self, ctx: &mut Context<Self>, item: WsItem) {
         let limit = self.config.max_frame_bytes;
         let last = matches!(item, WsItem::Last(_));
         match item {
@@ -499,22 +626,31 @@ impl Handler<Deliver> for Session {
 
     fn handle(&mut self, Deliver(item): Deliver, ctx: &mut Self::Context) {
         match &mut self.phase {
-            Phase::Replaying { held, overflowed } => {
-                if held.len() < MAX_HELD_BACK {
+            Phase::Replaying {
+                held,
+                held_bytes,
+                overflowed,
+            } => {
+                let len = item.frame.len();
+                if held.len() < MAX_HELD_BACK && *held_bytes + len <= self.config.max_outbound_bytes
+                {
+                    *held_bytes += len;
                     held.push(item);
                 } else {
                     *overflowed = true;
                 }
             }
-            Phase::Live => {
-                if let Some(seq) = self.write_live(ctx, item, now_ms()) {
+            Phase::Live => match self.write_live(item, now_ms()) {
+                Written::Sent(seq) => {
                     // One report for a burst: the flush runs after the messages already queued.
                     self.unreported.push(seq);
                     if self.unreported.len() == 1 {
                         ctx.notify(FlushDelivered);
                     }
                 }
-            }
+                Written::Skipped => {}
+                Written::NoRoom => self.fall_behind(ctx),
+            },
         }
     }
 }
@@ -536,6 +672,8 @@ impl Handler<CloseSession> for Session {
     type Result = ();
 
     fn handle(&mut self, msg: CloseSession, ctx: &mut Self::Context) {
-        self.end(ctx, msg.code, msg.reason);
+        if !self.left {
+            self.end(ctx, msg.code, msg.reason);
+        }
     }
 }

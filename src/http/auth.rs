@@ -2,6 +2,7 @@
 //! and never writes (DESIGN.md, invariant 5). Secrets are compared by their SHA-256 only.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use actix_web::http::header;
 use actix_web::{web, FromRequest, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 
+use super::limits::{client_ip, retry_after_secs};
 use super::AppState;
 use crate::actors::session::DeviceIdentity;
 use crate::db::{queries, DbError};
@@ -79,8 +81,36 @@ pub fn bearer(req: &HttpRequest) -> Option<String> {
         .then(|| token.trim().to_owned())
 }
 
+/// Resolves a presented secret to a principal, or `401`. An address that presented too many
+/// wrong credentials lately is answered `429` (with `Retry-After`) until its allowance refills,
+/// whatever it presents.
+pub async fn authenticate(
+    state: &AppState,
+    ip: Option<IpAddr>,
+    secret: Option<String>,
+) -> Result<Principal, ApiError> {
+    let limiter = &state.limits.auth_failures;
+    if let Some(ip) = ip {
+        if let Err(wait) = limiter.peek(ip) {
+            return Err(ApiError::too_many(
+                "too_many_failed_attempts",
+                "too many requests with a wrong credential from this address; retry later",
+                retry_after_secs(wait),
+            ));
+        }
+    }
+    let presented = secret.is_some();
+    let result = resolve(state, secret).await;
+    if let (Err(e), Some(ip)) = (&result, ip) {
+        if presented && e.status() == actix_web::http::StatusCode::UNAUTHORIZED {
+            limiter.record(ip);
+        }
+    }
+    result
+}
+
 /// Resolves a presented secret to a principal, or `401`.
-pub async fn authenticate(state: &AppState, secret: Option<String>) -> Result<Principal, ApiError> {
+async fn resolve(state: &AppState, secret: Option<String>) -> Result<Principal, ApiError> {
     let secret = secret.filter(|s| !s.is_empty() && s.len() <= MAX_SECRET_CHARS);
     let Some(secret) = secret else {
         return Err(ApiError::unauthorized());
@@ -184,9 +214,12 @@ impl FromRequest for Principal {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let state = req.app_data::<web::Data<AppState>>().cloned();
         let secret = bearer(req);
+        let ip = state
+            .as_ref()
+            .and_then(|s| client_ip(req, &s.limits.trusted_proxies));
         Box::pin(async move {
             let state = state.ok_or_else(ApiError::internal)?;
-            authenticate(&state, secret).await
+            authenticate(&state, ip, secret).await
         })
     }
 }

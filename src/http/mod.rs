@@ -5,6 +5,7 @@
 
 mod auth;
 mod devices;
+pub mod limits;
 mod notifications;
 mod ops;
 mod presence;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub session: SessionConfig,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Per-address rate limits and the per-user session limit.
+    pub limits: Arc<limits::Limits>,
 }
 
 /// Mounts every route.

@@ -3,7 +3,9 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::auth::{authenticate, bearer};
+use super::limits::{client_ip, retry_after_secs};
 use super::{AppState, Principal};
+use crate::actors::messages::CanConnect;
 use crate::actors::session::{self, SessionDeps};
 use crate::error::ApiError;
 
@@ -25,10 +27,41 @@ pub async fn upgrade(
     req: HttpRequest,
     stream: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let device = match authenticate(&state, device_secret(&req)).await? {
+    let ip = client_ip(&req, &state.limits.trusted_proxies);
+    if let Some(ip) = ip {
+        state.limits.connects.acquire(ip).map_err(|wait| {
+            ApiError::too_many(
+                "too_many_connections",
+                "too many connection attempts from this address; retry later",
+                retry_after_secs(wait),
+            )
+        })?;
+    }
+    let device = match authenticate(&state, ip, device_secret(&req)).await? {
         Principal::Device(d) => d,
         _ => return Err(ApiError::forbidden()),
     };
+    let max_per_user = state.limits.max_sessions_per_user;
+    if max_per_user > 0 {
+        let allowed = state
+            .presence
+            .send(CanConnect {
+                user_id: device.user_id.clone(),
+                device_id: device.device_id.clone(),
+                max_per_user,
+            })
+            .await
+            .map_err(|_| {
+                ApiError::unavailable("overloaded", "the server is busy; retry shortly")
+            })?;
+        if !allowed {
+            return Err(ApiError::too_many(
+                "too_many_sessions",
+                format!("this user already has {max_per_user} devices online"),
+                5,
+            ));
+        }
+    }
     let deps = SessionDeps {
         presence: state.presence.clone(),
         committer: state.committer.clone(),

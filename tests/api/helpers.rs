@@ -149,6 +149,9 @@ pub fn test_args(db: &TestDb) -> ServeArgs {
     args.bind = "127.0.0.1:0".into();
     args.admin_token = Some(ADMIN_TOKEN.to_owned().into());
     args.workers = Some(2);
+    // Tests open hundreds of sessions from 127.0.0.1 at once; the per-address connection limit
+    // has its own tests (hostile.rs).
+    args.connect_rate_per_ip = 0.0;
     args
 }
 

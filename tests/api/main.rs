@@ -6,6 +6,7 @@ mod helpers;
 
 mod cli;
 mod delivery;
+mod hostile;
 mod http_api;
 mod invariants;
 mod load;
