@@ -4,7 +4,9 @@
 
 mod helpers;
 
+mod authz;
 mod cli;
+mod crash;
 mod delivery;
 mod hostile;
 mod http_api;
