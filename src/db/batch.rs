@@ -31,16 +31,22 @@ pub struct PostInput {
 }
 
 /// The `202` answer of a post.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = NotificationAccepted)]
 pub struct PostAnswer {
     pub id: String,
     #[serde(skip)]
     pub created_at_ms: i64,
     #[serde(skip)]
     pub expires_at_ms: i64,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub expires_at: String,
+    /// Devices the notification is for.
     pub devices: usize,
+    /// Of those, how many it was pushed to on the spot.
     pub delivered_now: u32,
 }
 

@@ -226,7 +226,8 @@ pub struct PoolCounters {
 }
 
 /// A snapshot of the pool for `/v1/stats`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = DbPoolStats)]
 pub struct PoolSnapshot {
     pub size: u32,
     pub idle: u32,

@@ -2,7 +2,12 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
+use super::openapi::{
+    BadRequest, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized, Unavailable,
+    Unprocessable,
+};
 use super::{created, read_json, AppState, Principal};
 use crate::actors::messages::{OnlineSince, Revoke};
 use crate::db::queries::{self, DeviceRow};
@@ -10,36 +15,75 @@ use crate::db::DbError;
 use crate::domain::{self, generate_secret, hash_secret, new_id, now_ms, rfc3339, SecretKind};
 use crate::error::ApiError;
 
-#[derive(Deserialize)]
+/// A device to register for a user.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateDevice {
+    /// The user the device belongs to: 1–128 characters, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*$",
+        example = "alice"
+    )]
     user_id: String,
+    /// A label for people: 0–128 characters, no control characters.
     #[serde(default)]
+    #[schema(
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*$",
+        example = "Alice's phone"
+    )]
     name: String,
 }
 
-#[derive(Serialize)]
+/// A new device, with its token (shown this once).
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = DeviceCreated)]
 struct Created {
     device_id: String,
     user_id: String,
     name: String,
     token: String,
+    #[schema(format = DateTime)]
     created_at: String,
 }
 
-#[derive(Serialize)]
+/// One device of a user.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Device)]
 struct DeviceView {
     device_id: String,
     user_id: String,
     name: String,
+    #[schema(format = DateTime)]
     created_at: String,
     online: bool,
+    /// When a session of the device last ended, or `null` if none has.
+    #[schema(format = DateTime, required = true)]
     last_seen: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// The answer of `GET /v1/devices`.
+#[derive(Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+struct DeviceList {
+    devices: Vec<DeviceView>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Whose devices to list (required).
+    #[param(
+        required = true,
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
+    )]
     user_id: Option<String>,
 }
 
@@ -58,6 +102,25 @@ pub fn new_device(user_id: String, name: String) -> (DeviceRow, String) {
     (row, token)
 }
 
+/// Registers a device for a user; the answer holds its token, shown this once.
+#[utoipa::path(
+    post,
+    path = "/v1/devices",
+    operation_id = "create_device",
+    tag = "devices",
+    security(("bearer" = [])),
+    request_body = CreateDevice,
+    responses(
+        (status = 201, description = "The device was created.", body = Created),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = Unprocessable),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub async fn create(
     who: Principal,
     state: web::Data<AppState>,
@@ -86,6 +149,24 @@ pub async fn create(
     }))
 }
 
+/// Lists a user's devices, with whether each is online now.
+#[utoipa::path(
+    get,
+    path = "/v1/devices",
+    operation_id = "list_devices",
+    tag = "devices",
+    security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The user's devices, oldest first.", body = DeviceList),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = Unprocessable),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub async fn list(
     who: Principal,
     state: web::Data<AppState>,
@@ -123,9 +204,27 @@ pub async fn list(
             created_at: rfc3339(r.created_at),
         })
         .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "devices": devices })))
+    Ok(HttpResponse::Ok().json(DeviceList { devices }))
 }
 
+/// Revokes a device: its token is refused from then on, its live session is closed with 4001 and
+/// its pending notifications are dropped.
+#[utoipa::path(
+    delete,
+    path = "/v1/devices/{id}",
+    operation_id = "revoke_device",
+    tag = "devices",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The device's `device_id`.")),
+    responses(
+        (status = 204, description = "The device was revoked."),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub async fn revoke(
     who: Principal,
     state: web::Data<AppState>,

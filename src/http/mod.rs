@@ -7,6 +7,7 @@ mod auth;
 mod devices;
 pub mod limits;
 mod notifications;
+mod openapi;
 mod ops;
 mod presence;
 mod service_keys;
@@ -22,6 +23,7 @@ use serde::de::DeserializeOwned;
 
 pub use auth::{AdminCredential, AuthCache, Principal};
 pub use devices::new_device;
+pub use notifications::check_notification_request;
 
 use crate::actors::committer::Committer;
 use crate::actors::db::Db;
@@ -51,6 +53,7 @@ pub struct AppState {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/healthz").route(web::get().to(ops::healthz)))
         .service(resource("/readyz").route(web::get().to(ops::readyz)))
+        .service(resource("/openapi.json").route(web::get().to(openapi::serve)))
         .service(
             resource("/v1/service-keys")
                 .route(web::post().to(service_keys::create))
@@ -86,12 +89,27 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
     ))
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::new(
+/// A JSON `405` with the `Allow` header RFC 9110 requires: the methods the OpenAPI document gives
+/// this resource (`tests/api/openapi.rs` checks the document against the route table).
+async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    use actix_web::ResponseError;
+    let mut res = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "method not allowed here",
-    ))
+    )
+    .error_response();
+    if let Some(allow) = req
+        .match_pattern()
+        .as_deref()
+        .and_then(openapi::allowed_methods)
+    {
+        res.headers_mut().insert(
+            actix_web::http::header::ALLOW,
+            actix_web::http::header::HeaderValue::from_static(allow),
+        );
+    }
+    res
 }
 
 /// Reads a JSON body of at most `limit` bytes. Syntax errors are `400 invalid_json`; wrong types,

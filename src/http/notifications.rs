@@ -8,10 +8,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
+use utoipa::{IntoParams, ToSchema};
 
+use super::openapi::{
+    BadRequest, DeviceId, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized,
+    Unavailable, Unprocessable, UserId,
+};
 use super::{parse_json, read_json_bytes, AppState, Principal};
 use crate::actors::messages::SubmitPost;
-use crate::db::batch::{PostInput, PostRejection};
+use crate::db::batch::{PostAnswer, PostInput, PostRejection};
 use crate::db::queries::{self, STATE_ACKED, STATE_DELIVERED};
 use crate::db::DbError;
 use crate::domain::{self, new_id, now_ms, rfc3339, Invalid, MAX_PAYLOAD_BYTES, MAX_TARGETS};
@@ -19,15 +24,28 @@ use crate::error::ApiError;
 
 const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 
-#[derive(Deserialize)]
+/// A notification to post: at least one target among `user_ids`, `device_ids` and `user_id`, at
+/// most 1000 in all.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = PostNotification)]
 struct PostBody {
+    /// Users whose devices (those that exist now) get the notification.
     #[serde(default)]
+    #[schema(value_type = Vec<UserId>, max_items = 1000)]
     user_ids: Vec<String>,
+    /// Devices that get the notification; an unknown one is a `422`.
     #[serde(default)]
+    #[schema(value_type = Vec<DeviceId>, max_items = 1000)]
     device_ids: Vec<String>,
+    /// One more user, for a single-user post.
+    #[schema(required = false, value_type = Option<UserId>)]
     user_id: Option<String>,
+    /// Any JSON value, at most 64 KiB serialized.
+    #[schema(value_type = serde_json::Value)]
     payload: Box<RawValue>,
+    /// Seconds until the notification expires: 1–2,592,000 [default: 86,400].
+    #[schema(required = false, minimum = 1, maximum = 2_592_000)]
     ttl_seconds: Option<i64>,
 }
 
@@ -70,6 +88,48 @@ fn validate(body: PostBody) -> Result<(Vec<String>, Vec<String>, String, i64), A
     Ok((user_ids, device_ids, payload.to_owned(), ttl * 1000))
 }
 
+/// What `POST /v1/notifications` does to a body before it touches the database (parse, then the
+/// limits of API.md): the entry point of the `notification_request` fuzz target (`fuzz/`).
+pub fn check_notification_request(body: &[u8]) -> Result<(), ApiError> {
+    validate(parse_json(body)?).map(|_| ())
+}
+
+/// The headers of a post.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // a description only: `post` reads the header itself
+struct PostHeaders {
+    /// Repeating a post with the same key from the same credential within 24 h creates nothing
+    /// new and answers the first answer again; the same key with another body is a `422`.
+    #[param(
+        rename = "Idempotency-Key",
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
+    )]
+    idempotency_key: Option<String>,
+}
+
+/// Posts a notification. The answer is sent once it is durably committed.
+#[utoipa::path(
+    post,
+    path = "/v1/notifications",
+    operation_id = "post_notification",
+    tag = "notifications",
+    security(("bearer" = [])),
+    params(PostHeaders),
+    request_body = PostBody,
+    responses(
+        (status = 202, description = "The notification is committed.", body = PostAnswer),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = Unprocessable),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub async fn post(
     who: Principal,
     state: web::Data<AppState>,
@@ -159,14 +219,66 @@ fn rejection(why: PostRejection) -> ApiError {
     }
 }
 
-#[derive(Serialize)]
+/// Where a notification stands on one device.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Delivery)]
 struct DeliveryView {
     device_id: String,
+    #[schema(value_type = DeliveryState)]
     state: &'static str,
+    /// When it was first handed to a session of the device, or `null`.
+    #[schema(format = DateTime, required = true)]
     delivered_at: Option<String>,
+    /// When the device acked it, or `null`.
+    #[schema(format = DateTime, required = true)]
     acked_at: Option<String>,
 }
 
+/// The `state` of a delivery.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // a schema only: `DeliveryView::state` is written as a string
+enum DeliveryState {
+    Pending,
+    Delivered,
+    Acked,
+    Expired,
+}
+
+/// The answer of `GET /v1/notifications/{id}`.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct NotificationStatus {
+    id: String,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    expires_at: String,
+    /// The payload as it was posted.
+    #[schema(value_type = serde_json::Value)]
+    payload: Box<RawValue>,
+    deliveries: Vec<DeliveryView>,
+}
+
+/// A notification and its delivery to each target device. The admin may read any; a service,
+/// those it posted.
+#[utoipa::path(
+    get,
+    path = "/v1/notifications/{id}",
+    operation_id = "notification_status",
+    tag = "notifications",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The notification's `id`.")),
+    responses(
+        (status = 200, description = "The notification.", body = NotificationStatus),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 429, response = TooManyRequests),
+        (status = 503, response = Unavailable),
+    )
+)]
 pub async fn status(
     who: Principal,
     state: web::Data<AppState>,
@@ -207,11 +319,11 @@ pub async fn status(
         .collect();
     let payload: Box<RawValue> =
         RawValue::from_string(n.payload).map_err(|_| ApiError::internal())?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "id": n.id,
-        "created_at": rfc3339(n.created_at),
-        "expires_at": rfc3339(n.expires_at),
-        "payload": payload,
-        "deliveries": deliveries,
-    })))
+    Ok(HttpResponse::Ok().json(NotificationStatus {
+        id: n.id,
+        created_at: rfc3339(n.created_at),
+        expires_at: rfc3339(n.expires_at),
+        payload,
+        deliveries,
+    }))
 }

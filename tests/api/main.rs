@@ -13,6 +13,7 @@ mod http_api;
 mod invariants;
 mod load;
 mod metrics;
+mod openapi;
 mod operations;
 mod outage;
 mod process;
