@@ -65,8 +65,13 @@ struct RawFrame {
 /// Decodes one text frame from a device. Unknown fields are ignored so that newer clients can
 /// talk to older servers; everything else that is wrong is named in the error.
 pub fn decode_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
-    let raw: RawFrame = serde_json::from_str(text)
-        .map_err(|_| frame_error("invalid_json", "frames must be JSON objects"))?;
+    let not_json = || frame_error("invalid_json", "frames must be JSON objects");
+    // serde would also fill `RawFrame` from an array of its fields in order (`["ping"]`).
+    let json_whitespace = [' ', '\t', '\n', '\r'];
+    if !text.trim_start_matches(json_whitespace).starts_with('{') {
+        return Err(not_json());
+    }
+    let raw: RawFrame = serde_json::from_str(text).map_err(|_| not_json())?;
     match raw.kind.as_deref() {
         None => Err(frame_error("missing_type", "the frame has no \"type\"")),
         Some("ping") => Ok(ClientFrame::Ping),
@@ -168,6 +173,8 @@ mod tests {
         let code = |t: &str| decode_client_frame(t).unwrap_err().code;
         assert_eq!(code("not json"), "invalid_json");
         assert_eq!(code("[1,2]"), "invalid_json");
+        assert_eq!(code(r#"["ping"]"#), "invalid_json");
+        assert_eq!(code(r#" ["ack",["a"]]"#), "invalid_json");
         assert_eq!(code(r#"{"type":5}"#), "invalid_json");
         assert_eq!(code("{}"), "missing_type");
         assert_eq!(code(r#"{"type":"subscribe"}"#), "unknown_type");
