@@ -25,6 +25,7 @@ pub const DEFAULT_CONNECT_BURST_PER_IP: u32 = 500;
 pub const DEFAULT_AUTH_FAILURE_RATE_PER_IP: f64 = 1.0;
 pub const DEFAULT_AUTH_FAILURE_BURST_PER_IP: u32 = 100;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_NODE_LEASE_MS: u64 = 10_000;
 
 /// A secret from the command line or environment; `Debug` never shows it.
 #[derive(Clone)]
@@ -157,6 +158,15 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT_MS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT_MS)]
     pub handshake_timeout_ms: u64,
 
+    /// This node's name among several on one PostgreSQL [default: generated at each start].
+    #[arg(long, env = "HERALD_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// How long a node's lease lasts (renewed every third of it); a node that stops renewing —
+    /// killed, or cut off from the database — has its presence cleared by the others after this.
+    #[arg(long, env = "HERALD_NODE_LEASE_MS", default_value_t = DEFAULT_NODE_LEASE_MS)]
+    pub node_lease_ms: u64,
+
     /// HTTP worker threads [default: one per CPU core].
     #[arg(long, env = "HERALD_WORKERS")]
     pub workers: Option<usize>,
@@ -191,6 +201,8 @@ impl ServeArgs {
             auth_failure_burst_per_ip: DEFAULT_AUTH_FAILURE_BURST_PER_IP,
             trusted_proxies: Vec::new(),
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            node_id: None,
+            node_lease_ms: DEFAULT_NODE_LEASE_MS,
             workers: None,
         }
     }

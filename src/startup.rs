@@ -15,14 +15,18 @@ use actix_web::{web, App, HttpServer};
 
 use crate::actors::committer::Committer;
 use crate::actors::db::Db;
+use crate::actors::node::NodeKeeper;
 use crate::actors::presence::Presence;
 use crate::actors::purger::Purger;
+use crate::actors::router::{Heard, ListenerResumed, Router};
 use crate::actors::session::SessionConfig;
 use crate::config::ServeArgs;
+use crate::db::listener::Listener;
+use crate::db::DbError;
 use crate::db::{Backend, ConnectError};
 use crate::domain::{generate_secret, SecretKind};
 use crate::http::limits::{Limits, RateLimiter};
-use crate::http::{self, AdminCredential, AppState};
+use crate::http::{self, AdminCredential, AppState, AuthCache};
 use crate::metrics::Metrics;
 use crate::stats::Counters;
 
@@ -41,9 +45,20 @@ pub enum StartError {
     Listen(#[from] io::Error),
     #[error("admin token: {0}")]
     AdminToken(String),
+    #[error("{0}")]
+    AlreadyServed(String),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 pub struct Application {
+    /// On PostgreSQL: the database and this node's id, to leave the cluster on stop.
+    cluster: Option<(Db, String)>,
+    /// On SQLite, the lock that keeps a second node off this database file (held while the
+    /// node lives; the kernel releases it however the process ends).
+    _node_lock: Option<fs::File>,
+    /// On PostgreSQL, the thread listening for the other nodes' signals (stopped on drop).
+    _listener: Option<Listener>,
     port: u16,
     server: Server,
     presence: Addr<Presence>,
@@ -55,6 +70,10 @@ impl Application {
     /// `System`.
     pub async fn build(args: ServeArgs) -> Result<Self, StartError> {
         let backend = Backend::from_url(&args.db.database_url)?;
+        let node_lock = match &backend {
+            Backend::Sqlite(path) => Some(lock_sqlite_file(path)?),
+            Backend::Postgres(_) => None,
+        };
         let ran = backend.migrate()?;
         if ran > 0 {
             log::info!("applied {ran} migration(s)");
@@ -69,8 +88,67 @@ impl Application {
             &metrics.job_duration,
         )?;
         let counters = Arc::new(Counters::default());
-        let presence = Presence::default().start();
-        let committer = Committer::new(db.clone(), presence.clone(), counters.clone()).start();
+        let auth_cache: Arc<AuthCache> = Arc::default();
+        // On PostgreSQL a node is one of possibly several: presence lives in the database,
+        // commits are announced over LISTEN/NOTIFY and published in the cluster's commit order.
+        let mut cluster = None;
+        let mut signals = None;
+        let (presence, committer) = match &backend {
+            Backend::Sqlite(_) => {
+                let presence = Presence::default().start();
+                let committer =
+                    Committer::new(db.clone(), presence.clone(), counters.clone()).start();
+                (presence, committer)
+            }
+            Backend::Postgres(url) => {
+                let node = args
+                    .node_id
+                    .clone()
+                    .filter(|n| !n.trim().is_empty())
+                    .unwrap_or_else(|| {
+                        format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+                    });
+                let lease = Duration::from_millis(args.node_lease_ms.max(300));
+                let lease_ms = lease.as_millis() as i64;
+                let n = node.clone();
+                db.write(db.deadline(), move |c| {
+                    crate::db::cluster::start_node(c, &n, lease_ms).map_err(DbError::from)
+                })
+                .await
+                .map_err(|e| StartError::Cluster(format!("cannot register node {node}: {e}")))?;
+                let presence = Presence::for_cluster(db.clone()).start();
+                let router = Router::new(
+                    node.clone(),
+                    db.clone(),
+                    presence.clone(),
+                    auth_cache.clone(),
+                )
+                .start();
+                let (heard, resumed) = (router.clone(), router.clone());
+                signals = Some(
+                    crate::db::listener::start(
+                        url,
+                        move |signal| heard.do_send(Heard(signal)),
+                        move || resumed.do_send(ListenerResumed),
+                    )
+                    .map_err(|e| StartError::Cluster(format!("cannot LISTEN: {e}")))?,
+                );
+                let committer = Committer::new(db.clone(), presence.clone(), counters.clone())
+                    .in_cluster(node.clone(), router)
+                    .start();
+                NodeKeeper::new(
+                    node.clone(),
+                    lease,
+                    db.clone(),
+                    presence.clone(),
+                    committer.clone(),
+                )
+                .start();
+                log::info!("node {node} (lease {} ms)", lease.as_millis());
+                cluster = Some((db.clone(), node));
+                (presence, committer)
+            }
+        };
         Purger::new(
             db.clone(),
             metrics.clone(),
@@ -83,7 +161,7 @@ impl Application {
             presence: presence.clone(),
             committer: committer.clone(),
             admin,
-            auth_cache: Arc::default(),
+            auth_cache,
             counters,
             metrics: metrics.clone(),
             session: SessionConfig {
@@ -92,6 +170,7 @@ impl Application {
                 max_outbound_bytes: args.ws_outbound_max_bytes.max(1024),
                 max_outbound_frames: args.ws_outbound_max_frames.max(16),
                 max_sessions_per_user: args.max_sessions_per_user,
+                cluster: cluster.is_some(),
                 slow_grace: Duration::from_millis(args.ws_slow_grace_ms),
                 max_frames_per_second: args.ws_max_frames_per_second,
             },
@@ -160,6 +239,9 @@ impl Application {
             args.db_pool_size
         );
         Ok(Application {
+            _node_lock: node_lock,
+            _listener: signals,
+            cluster,
             port,
             server,
             presence,
@@ -177,6 +259,7 @@ impl Application {
             server: self.server.handle(),
             presence: self.presence.clone(),
             committer: self.committer.clone(),
+            cluster: self.cluster.clone(),
         }
     }
 
@@ -188,6 +271,36 @@ impl Application {
             stop.stop().await;
         });
         self.server.await
+    }
+}
+
+/// SQLite is single-node: one `herald serve` per database file. The node holds an exclusive lock
+/// on `<file>.lock` while it lives; a second node on the same file is refused with an error that
+/// says so (the command-line tools do not take the lock and work beside a running node).
+fn lock_sqlite_file(db: &std::path::Path) -> Result<fs::File, StartError> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| {
+            StartError::AlreadyServed(format!("cannot open lock file {}: {e}", path.display()))
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(StartError::AlreadyServed(format!(
+            "another herald node is already serving {} (it holds {}); SQLite is single-node — \
+             run several nodes on PostgreSQL instead",
+            db.display(),
+            path.display()
+        ))),
+        Err(fs::TryLockError::Error(e)) => Err(StartError::AlreadyServed(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -273,6 +386,7 @@ pub struct StopHandle {
     server: actix_web::dev::ServerHandle,
     presence: Addr<Presence>,
     committer: Addr<Committer>,
+    cluster: Option<(Db, String)>,
 }
 
 impl StopHandle {
@@ -286,6 +400,18 @@ impl StopHandle {
             && !self.committer.send(IsIdle).await.unwrap_or(true)
         {
             actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some((db, node)) = &self.cluster {
+            // The others need not wait for the lease: this node's presence goes now.
+            let node = node.clone();
+            if let Err(e) = db
+                .write(db.deadline(), move |c| {
+                    crate::db::cluster::leave(c, &node).map_err(DbError::from)
+                })
+                .await
+            {
+                log::warn!("could not remove this node's presence: {e}");
+            }
         }
         stopping.await;
         log::info!("herald stopped");

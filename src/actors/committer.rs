@@ -16,7 +16,11 @@ use tokio::sync::oneshot;
 use super::db::{Db, JobError};
 use super::messages::*;
 use super::presence::Presence;
-use crate::db::batch::{self, BatchResult, PostAnswer, PostOutcome, PostRejection, WriteBatch};
+use super::router::{OwnBatch, Router};
+use crate::db::batch::{
+    self, BatchResult, ClusterTag, PostAnswer, PostOutcome, PostRejection, WriteBatch,
+};
+use crate::db::cluster::PresenceChange;
 use crate::domain::{now_ms, rfc3339};
 use crate::protocol::notification_frame;
 use crate::stats::Counters;
@@ -93,6 +97,18 @@ pub struct Committer {
     barriers: Vec<oneshot::Sender<()>>,
     writing: bool,
     flush_queued: bool,
+    /// Set when this node is one of several on PostgreSQL.
+    cluster: Option<ClusterLink>,
+    /// Sessions waiting for their presence row to be written (in `next`).
+    online_waiters: Vec<oneshot::Sender<bool>>,
+}
+
+/// How the Committer takes part in a cluster: its batches carry the node's id and a number,
+/// and their notifications go to the Router, which publishes them in the cluster's commit order.
+pub struct ClusterLink {
+    pub node: String,
+    pub router: Addr<Router>,
+    pub batches: u64,
 }
 
 impl Actor for Committer {
@@ -112,7 +128,19 @@ impl Committer {
             barriers: Vec::new(),
             writing: false,
             flush_queued: false,
+            cluster: None,
+            online_waiters: Vec::new(),
         }
+    }
+
+    /// Makes this Committer one node's of several.
+    pub fn in_cluster(mut self, node: String, router: Addr<Router>) -> Self {
+        self.cluster = Some(ClusterLink {
+            node,
+            router,
+            batches: 0,
+        });
+        self
     }
 
     /// Asks for a flush after the messages already in the mailbox, so they join this batch.
@@ -156,6 +184,13 @@ impl Committer {
         }
         let (posts, waiters) = taken.into_iter().map(WaitingPost::split).unzip();
         batch.posts = posts;
+        if let Some(link) = &mut self.cluster {
+            link.batches += 1;
+            batch.cluster = Some(ClusterTag {
+                node: link.node.clone(),
+                batch: link.batches,
+            });
+        }
         (batch, waiters)
     }
 
@@ -163,9 +198,14 @@ impl Committer {
         &mut self,
         batch: WriteBatch,
         waiting: Vec<Waiter>,
+        online: Vec<oneshot::Sender<bool>>,
         res: Result<BatchResult, JobError>,
         ctx: &mut Context<Self>,
     ) {
+        let ok = res.is_ok();
+        for w in online {
+            let _ = w.send(ok);
+        }
         let result = match res {
             Ok(r) => r,
             Err(e) => {
@@ -214,6 +254,7 @@ impl Committer {
                     created_at,
                     expires_at,
                     device_ids,
+                    online_now,
                 } => {
                     Counters::add(&self.counters.accepted, 1);
                     let frame = notification_frame(&post.id, created_at, expires_at, &post.payload);
@@ -227,7 +268,7 @@ impl Committer {
                         },
                         device_ids,
                     ));
-                    to_answer.push((w, seq, answer));
+                    to_answer.push((w, seq, answer, online_now));
                 }
                 PostOutcome::Existing(row) => {
                     let answer = answer_of(
@@ -256,23 +297,37 @@ impl Committer {
                 .map(|&i| slots[i].take().expect("each index once"))
                 .unzip();
         }
-        // Presence pushes to sessions in this order; the `202`s go out once it has counted.
-        let counts = self.presence.send(Publish { items: published });
-        let fut = async move { counts.await.unwrap_or_default() }
-            .into_actor(self)
-            .map(move |counts, act, ctx| {
-                for (i, (w, seq, mut answer)) in to_answer.into_iter().enumerate() {
-                    answer.delivered_now = counts.get(i).copied().unwrap_or(0);
-                    let stored = w.idem.as_ref().map(|_| seq);
-                    if stored.is_some() {
-                        act.next
-                            .delivered_now
-                            .push((seq, answer.delivered_now as i32));
-                    }
-                    act.answer(w, Ok(answer), stored);
+        // Presence pushes to sessions in this order; the `202`s go out once it has counted. In a
+        // cluster the Router publishes it, once the cluster's earlier commits are published.
+        let counts: futures_util::future::LocalBoxFuture<'static, Vec<u32>> =
+            match (&self.cluster, &batch.cluster) {
+                (Some(link), Some(tag)) => {
+                    let sent = link.router.send(OwnBatch {
+                        batch: tag.batch,
+                        items: published,
+                    });
+                    Box::pin(async move { sent.await.unwrap_or_default() })
                 }
-                act.wake(ctx);
-            });
+                _ => {
+                    let sent = self.presence.send(Publish { items: published });
+                    Box::pin(async move { sent.await.unwrap_or_default() })
+                }
+            };
+        let fut = counts.into_actor(self).map(move |counts, act, ctx| {
+            for (i, (w, seq, mut answer, online_now)) in to_answer.into_iter().enumerate() {
+                // In a cluster, devices online on any node count (each node pushes to its own).
+                answer.delivered_now =
+                    online_now.unwrap_or_else(|| counts.get(i).copied().unwrap_or(0));
+                let stored = w.idem.as_ref().map(|_| seq);
+                if stored.is_some() {
+                    act.next
+                        .delivered_now
+                        .push((seq, answer.delivered_now as i32));
+                }
+                act.answer(w, Ok(answer), stored);
+            }
+            act.wake(ctx);
+        });
         // `wait` holds the next batch's publish until this one's is counted, so presence always
         // sees notifications in commit order; presence is local and never waits on anyone.
         ctx.wait(fut);
@@ -318,7 +373,13 @@ impl Committer {
         failed.delivered.append(&mut next.delivered);
         failed.seen.append(&mut next.seen);
         failed.delivered_now.append(&mut next.delivered_now);
+        // Sessions whose presence row failed were told so and close; their `Offline` follows.
+        failed
+            .presence
+            .retain(|c| !matches!(c, PresenceChange::Online { .. }));
+        failed.presence.append(&mut next.presence);
         failed.posts.clear();
+        failed.cluster = None;
         *next = failed;
         while next.weight() > MAX_BACKLOG {
             let dropped = if !next.delivered.is_empty() {
@@ -327,9 +388,11 @@ impl Committer {
             } else if !next.seen.is_empty() {
                 next.seen.remove(0);
                 "last-seen time"
-            } else {
+            } else if !next.acks.is_empty() {
                 next.acks.remove(0);
                 "ack"
+            } else {
+                break;
             };
             log::warn!("write backlog full: dropped the oldest {dropped}");
         }
@@ -368,6 +431,7 @@ impl Handler<Flush> for Committer {
             return;
         }
         let barriers = std::mem::take(&mut self.barriers);
+        let online = std::mem::take(&mut self.online_waiters);
         let (batch, waiting) = self.take_batch();
         if batch.is_empty() && waiting.is_empty() {
             // Everything asked for before these barriers is already written.
@@ -392,7 +456,7 @@ impl Handler<Flush> for Committer {
                 // The job has dropped its handle once it ran; a copy is made only if it has not
                 // (its deadline passed while it waited), so the acks can be queued again.
                 let batch = Arc::unwrap_or_clone(batch);
-                act.finish(batch, waiting, res, ctx);
+                act.finish(batch, waiting, online, res, ctx);
                 // Even after a failed batch: its acks are queued again, and a replay that runs
                 // now at worst sends a notification once more (delivery is at least once).
                 for b in barriers {
@@ -511,6 +575,25 @@ impl Handler<AfterWrites> for Committer {
             return;
         }
         self.barriers.push(msg.reply);
+        self.wake(ctx);
+    }
+}
+
+impl Handler<PresenceUpdate> for Committer {
+    type Result = ();
+
+    fn handle(&mut self, msg: PresenceUpdate, ctx: &mut Context<Self>) {
+        if self.cluster.is_none() {
+            // One node: presence lives in memory only.
+            if let Some(reply) = msg.written {
+                let _ = reply.send(true);
+            }
+            return;
+        }
+        self.next.presence.push(msg.change);
+        if let Some(reply) = msg.written {
+            self.online_waiters.push(reply);
+        }
         self.wake(ctx);
     }
 }

@@ -106,7 +106,7 @@ pub struct PresencePage {
 
 /// HTTP → Presence: who is online, by device id, after a cursor.
 #[derive(Message)]
-#[rtype(result = "PresencePage")]
+#[rtype(result = "Result<PresencePage, super::db::JobError>")]
 pub struct ListPresence {
     pub user_id: Option<String>,
     pub after: Option<String>,
@@ -115,7 +115,7 @@ pub struct ListPresence {
 
 /// HTTP → Presence: which of these devices are online, and since when (ms).
 #[derive(Message)]
-#[rtype(result = "HashMap<String, i64>")]
+#[rtype(result = "Result<HashMap<String, i64>, super::db::JobError>")]
 pub struct OnlineSince {
     pub device_ids: Vec<String>,
 }
@@ -175,4 +175,36 @@ pub struct IsIdle;
 #[rtype(result = "()")]
 pub struct AfterWrites {
     pub reply: oneshot::Sender<()>,
+}
+
+/// Session → Committer: a presence change for the cluster's presence table (ignored on a single
+/// node). `written`, if given, is answered once the change is committed (true) or failed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PresenceUpdate {
+    pub change: crate::db::cluster::PresenceChange,
+    pub written: Option<tokio::sync::oneshot::Sender<bool>>,
+}
+
+/// Router → Presence: the session `session_id` of `device_id` was replaced on another node:
+/// close it with 4002 if it is still this device's session here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Kick {
+    pub device_id: String,
+    pub session_id: String,
+}
+
+/// Router → Presence → every session: a signal may have been missed; read anything committed
+/// after the last notification sent from the database.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct CatchUp;
+
+/// NodeKeeper → Presence: the cluster lost this node's presence (its lease lapsed); write every
+/// local session's presence row again through this Committer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reassert {
+    pub committer: Addr<super::committer::Committer>,
 }

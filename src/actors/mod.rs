@@ -5,7 +5,9 @@
 pub mod committer;
 pub mod db;
 pub mod messages;
+pub mod node;
 pub mod presence;
 pub mod purger;
+pub mod router;
 pub mod session;
 pub mod socket;

@@ -9,8 +9,11 @@ use std::ops::Bound;
 
 use actix::prelude::*;
 
+use super::db::{Db, JobError};
 use super::messages::*;
 use super::session::Session;
+use crate::db::cluster::{self, PresenceChange};
+use crate::db::DbError;
 use crate::domain::rfc3339;
 use crate::protocol::close;
 
@@ -28,10 +31,23 @@ pub struct Presence {
     devices: BTreeMap<String, Online>,
     /// Each user's online devices.
     users: HashMap<String, BTreeSet<String>>,
+    /// Set when this node is one of several: who is online is then answered from the cluster's
+    /// presence table, which every node writes.
+    cluster: Option<Db>,
 }
 
 impl Actor for Presence {
     type Context = Context<Self>;
+}
+
+impl Presence {
+    /// Presence for one node of several: questions about who is online go to the database.
+    pub fn for_cluster(db: Db) -> Self {
+        Presence {
+            cluster: Some(db),
+            ..Presence::default()
+        }
+    }
 }
 
 impl Presence {
@@ -166,9 +182,12 @@ impl Handler<Revoke> for Presence {
 }
 
 impl Handler<ListPresence> for Presence {
-    type Result = MessageResult<ListPresence>;
+    type Result = ResponseFuture<Result<PresencePage, JobError>>;
 
     fn handle(&mut self, msg: ListPresence, _: &mut Context<Self>) -> Self::Result {
+        if let Some(db) = self.cluster.clone() {
+            return Box::pin(cluster_page(db, msg));
+        }
         let after = match &msg.after {
             Some(a) => Bound::Excluded(a.clone()),
             None => Bound::Unbounded,
@@ -205,25 +224,124 @@ impl Handler<ListPresence> for Presence {
         } else {
             None
         };
-        MessageResult(PresencePage {
+        let page = PresencePage {
             online_devices,
             online_users,
             devices,
             next,
-        })
+        };
+        Box::pin(async move { Ok(page) })
     }
 }
 
 impl Handler<OnlineSince> for Presence {
-    type Result = MessageResult<OnlineSince>;
+    type Result = ResponseFuture<Result<HashMap<String, i64>, JobError>>;
 
     fn handle(&mut self, msg: OnlineSince, _: &mut Context<Self>) -> Self::Result {
+        if let Some(db) = self.cluster.clone() {
+            return Box::pin(async move {
+                let deadline = db.deadline();
+                let rows = db
+                    .read(deadline, move |c| {
+                        cluster::online_since(c, &msg.device_ids).map_err(DbError::from)
+                    })
+                    .await?;
+                Ok(rows.into_iter().collect())
+            });
+        }
         let found = msg
             .device_ids
             .into_iter()
             .filter_map(|id| self.devices.get(&id).map(|o| (id.clone(), o.connected_at)))
             .collect();
-        MessageResult(found)
+        Box::pin(async move { Ok(found) })
+    }
+}
+
+/// A presence page from the cluster's presence table.
+async fn cluster_page(db: Db, msg: ListPresence) -> Result<PresencePage, JobError> {
+    let deadline = db.deadline();
+    db.read(deadline, move |c| {
+        let user = msg.user_id.as_deref();
+        let mut rows = cluster::presence_page(c, user, msg.after.as_deref(), msg.limit as i64 + 1)?;
+        let (online_devices, online_users) = cluster::presence_counts(c, user)?;
+        let more = rows.len() > msg.limit;
+        rows.truncate(msg.limit);
+        let devices: Vec<OnlineDevice> = rows
+            .into_iter()
+            .map(|r| OnlineDevice {
+                connected_at: rfc3339(r.connected_at),
+                connected_at_ms: r.connected_at,
+                device_id: r.device_id,
+                user_id: r.user_id,
+                name: r.name,
+            })
+            .collect();
+        let next = if more {
+            devices.last().map(|d| d.device_id.clone())
+        } else {
+            None
+        };
+        Ok(PresencePage {
+            online_devices: online_devices as usize,
+            online_users: online_users as usize,
+            devices,
+            next,
+        })
+    })
+    .await
+}
+
+impl Handler<Kick> for Presence {
+    type Result = ();
+
+    fn handle(&mut self, msg: Kick, _: &mut Context<Self>) {
+        let current = self
+            .devices
+            .get(&msg.device_id)
+            .is_some_and(|o| o.session_id == msg.session_id);
+        if current {
+            if let Some(old) = self.forget(&msg.device_id) {
+                log::info!(
+                    "device {} session {} replaced by a session on another node",
+                    msg.device_id,
+                    old.session_id
+                );
+                old.addr.do_send(CloseSession {
+                    code: close::REPLACED,
+                    reason: "replaced by a newer session",
+                });
+            }
+        }
+    }
+}
+
+impl Handler<CatchUp> for Presence {
+    type Result = ();
+
+    fn handle(&mut self, msg: CatchUp, _: &mut Context<Self>) {
+        for online in self.devices.values() {
+            online.addr.do_send(msg);
+        }
+    }
+}
+
+impl Handler<Reassert> for Presence {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reassert, _: &mut Context<Self>) {
+        for (device_id, o) in &self.devices {
+            msg.committer.do_send(PresenceUpdate {
+                change: PresenceChange::Reassert {
+                    device_id: device_id.clone(),
+                    user_id: o.user_id.clone(),
+                    name: o.name.clone(),
+                    session_id: o.session_id.clone(),
+                    connected_at: o.connected_at,
+                },
+                written: None,
+            });
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use super::db::Db;
 use super::messages::*;
 use super::presence::Presence;
 use super::socket::{FrameStream, SharedOutbox};
+use crate::db::cluster::PresenceChange;
 use crate::db::queries;
 use crate::domain::{new_id, now_ms};
 use crate::metrics::Metrics;
@@ -44,6 +45,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLAY_RETRY: Duration = Duration::from_millis(500);
 /// Replay attempts before the session is closed with 1013 (try again later).
 const REPLAY_ATTEMPTS: u32 = 5;
+/// How long a session waits for its cluster presence row to be written before giving up (1013).
+const PRESENCE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a replay waiting for the device to read checks the outbox again.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
@@ -66,6 +69,8 @@ pub struct SessionConfig {
     pub max_outbound_frames: usize,
     /// Live sessions one user may hold (0: no limit).
     pub max_sessions_per_user: usize,
+    /// This node is one of several: a session writes its presence row before `hello`.
+    pub cluster: bool,
     /// How long a device may leave its outbox full before it is closed with 4008.
     pub slow_grace: Duration,
     /// Frames per second a device may send, with bursts of ten seconds' worth; past it the
@@ -122,6 +127,8 @@ pub struct Session {
     out: SharedOutbox,
     /// Since when a replay has been waiting for the device to read.
     stalled_since: Option<Instant>,
+    /// One node of several: answered once the cluster's presence row is gone.
+    offline_written: Option<tokio::sync::oneshot::Receiver<bool>>,
 }
 
 /// Answers the upgrade and starts a session on it.
@@ -165,6 +172,7 @@ pub fn start(
             unreported: Vec::new(),
             out,
             stalled_since: None,
+            offline_written: None,
         }
     });
     Ok(res.body(BodyStream::new(body)).map_into_boxed_body().into())
@@ -203,20 +211,8 @@ impl Actor for Session {
                 Ok(Ok(false)) => {
                     act.end(ctx, close::POLICY, "too many sessions for this user");
                 }
-                Ok(Ok(true)) => {
-                    let hello = protocol::hello_frame(
-                        &act.id,
-                        &act.device.device_id,
-                        &act.device.user_id,
-                        act.config.heartbeat.as_millis() as u64,
-                    );
-                    act.send(Message::Text(hello.into()));
-                    act.deps.committer.do_send(RecordSeen {
-                        device_id: act.device.device_id.clone(),
-                        at: act.connected_at,
-                    });
-                    act.replay_page(ctx);
-                }
+                Ok(Ok(true)) if act.config.cluster => act.write_presence(ctx),
+                Ok(Ok(true)) => act.greet(ctx),
                 _ => {
                     log::error!("session {}: presence did not register it", act.id);
                     act.end(ctx, close::TRY_AGAIN_LATER, "server busy");
@@ -249,6 +245,49 @@ impl Actor for Session {
 }
 
 impl Session {
+    /// Registered: `hello`, then the backlog.
+    fn greet(&mut self, ctx: &mut Context<Self>) {
+        let hello = protocol::hello_frame(
+            &self.id,
+            &self.device.device_id,
+            &self.device.user_id,
+            self.config.heartbeat.as_millis() as u64,
+        );
+        self.send(Message::Text(hello.into()));
+        self.deps.committer.do_send(RecordSeen {
+            device_id: self.device.device_id.clone(),
+            at: self.connected_at,
+        });
+        self.replay_page(ctx);
+    }
+
+    /// One node of several: the session's presence row is committed (replacing — and kicking —
+    /// a session of the device on another node) before `hello`, so every node sees the device
+    /// online once it is greeted.
+    fn write_presence(&mut self, ctx: &mut Context<Self>) {
+        let (written, done) = tokio::sync::oneshot::channel();
+        self.deps.committer.do_send(PresenceUpdate {
+            change: PresenceChange::Online {
+                device_id: self.device.device_id.clone(),
+                user_id: self.device.user_id.clone(),
+                name: self.device.name.clone(),
+                session_id: self.id.clone(),
+                connected_at: self.connected_at,
+            },
+            written: Some(written),
+        });
+        async move { tokio::time::timeout(PRESENCE_WRITE_TIMEOUT, done).await }
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok(Ok(true)) => act.greet(ctx),
+                _ => {
+                    log::warn!("session {}: its presence could not be written", act.id);
+                    act.end(ctx, close::TRY_AGAIN_LATER, "database unavailable");
+                }
+            })
+            .wait(ctx);
+    }
+
     /// The one cleanup path: presence forgets the session and the device's last-seen is recorded.
     fn leave(&mut self) {
         if std::mem::replace(&mut self.left, true) {
@@ -259,6 +298,17 @@ impl Session {
             session_id: self.id.clone(),
             device_id: self.device.device_id.clone(),
         });
+        if self.config.cluster {
+            let (written, done) = tokio::sync::oneshot::channel();
+            self.deps.committer.do_send(PresenceUpdate {
+                change: PresenceChange::Offline {
+                    device_id: self.device.device_id.clone(),
+                    session_id: self.id.clone(),
+                },
+                written: Some(written),
+            });
+            self.offline_written = Some(done);
+        }
         self.deps.committer.do_send(RecordSeen {
             device_id: self.device.device_id.clone(),
             at: now_ms(),
@@ -270,11 +320,31 @@ impl Session {
         self.leave();
         self.close_reason = reason;
         self.close_code = code;
-        self.send(Message::Close(Some(CloseReason {
+        let frame = Message::Close(Some(CloseReason {
             code: CloseCode::from(code),
             description: Some(reason.into()),
-        })));
-        ctx.stop();
+        }));
+        self.close_when_offline(ctx, frame);
+    }
+
+    /// Sends the close frame and stops — on one node of several, once the cluster's presence
+    /// shows the device offline, so a client that has seen the close finds it offline on every
+    /// node (API.md: offline at once).
+    fn close_when_offline(&mut self, ctx: &mut Context<Self>, frame: Message) {
+        let Some(done) = self.offline_written.take() else {
+            self.send(frame);
+            ctx.stop();
+            return;
+        };
+        async move {
+            let _ = tokio::time::timeout(PRESENCE_WRITE_TIMEOUT, done).await;
+        }
+        .into_actor(self)
+        .map(move |_, act, ctx| {
+            act.send(frame);
+            ctx.stop();
+        })
+        .wait(ctx);
     }
 
     /// Queues a frame for the socket.
@@ -581,8 +651,7 @@ impl Session {
                 self.leave();
                 self.close_reason = "closed by the device";
                 self.close_code = reason.as_ref().map_or(1005, |r| u16::from(r.code));
-                self.send(Message::Close(reason));
-                ctx.stop();
+                self.close_when_offline(ctx, Message::Close(reason));
             }
             Err(ProtocolError::Overflow) => self.end(ctx, close::TOO_BIG, "frame too big"),
             Err(e) => {
@@ -674,6 +743,31 @@ impl Handler<CloseSession> for Session {
     fn handle(&mut self, msg: CloseSession, ctx: &mut Self::Context) {
         if !self.left {
             self.end(ctx, msg.code, msg.reason);
+        }
+    }
+}
+
+impl Handler<CatchUp> for Session {
+    type Result = ();
+
+    /// A cluster signal may have been missed: read whatever was committed after the last
+    /// notification sent (a replay from `last_seq`), then go on live.
+    fn handle(&mut self, _: CatchUp, ctx: &mut Self::Context) {
+        if self.left {
+            return;
+        }
+        match &mut self.phase {
+            Phase::Replaying { overflowed, .. } => *overflowed = true,
+            Phase::Live => {
+                self.phase = Phase::Replaying {
+                    held: Vec::new(),
+                    held_bytes: 0,
+                    overflowed: false,
+                };
+                if self.stalled_since.is_none() {
+                    self.replay_page(ctx);
+                }
+            }
         }
     }
 }

@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use diesel::prelude::*;
 
+use super::cluster::{self, PresenceChange, Signal};
 use super::queries::{self, NewNotificationRow, NotificationRow};
 use super::{write_tx, DbConn};
 
@@ -75,6 +76,9 @@ pub enum PostOutcome {
         created_at: i64,
         expires_at: i64,
         device_ids: Vec<String>,
+        /// Several nodes: how many of its devices were online anywhere in the cluster when it
+        /// committed (each is pushed it by the node holding it).
+        online_now: Option<u32>,
     },
     /// An earlier post with the same idempotency key and the same request.
     Existing(NotificationRow),
@@ -93,6 +97,17 @@ pub struct WriteBatch {
     pub seen: Vec<(String, i64)>,
     /// `(seq, count)`: how many devices an idempotent post reached on the spot.
     pub delivered_now: Vec<(i64, i32)>,
+    /// Cluster-wide presence changes, in order (several nodes on PostgreSQL only).
+    pub presence: Vec<PresenceChange>,
+    /// Set when this node is one of several: who writes the batch, and its number.
+    pub cluster: Option<ClusterTag>,
+}
+
+/// The writing node and the batch's number, for the signal that announces its notifications.
+#[derive(Clone, Debug)]
+pub struct ClusterTag {
+    pub node: String,
+    pub batch: u64,
 }
 
 impl WriteBatch {
@@ -102,11 +117,16 @@ impl WriteBatch {
             && self.delivered.is_empty()
             && self.seen.is_empty()
             && self.delivered_now.is_empty()
+            && self.presence.is_empty()
     }
 
     /// Acks, marks, last-seen times and counts carried (posts are counted by the caller).
     pub fn items(&self) -> usize {
-        self.acks.len() + self.delivered.len() + self.seen.len() + self.delivered_now.len()
+        self.acks.len()
+            + self.delivered.len()
+            + self.seen.len()
+            + self.delivered_now.len()
+            + self.presence.len()
     }
 
     /// Rows this batch will touch, roughly; bounds the size of one transaction.
@@ -119,6 +139,7 @@ impl WriteBatch {
             + self.delivered.iter().map(|(_, s)| s.len()).sum::<usize>()
             + self.seen.len()
             + self.delivered_now.len()
+            + self.presence.len()
     }
 }
 
@@ -134,10 +155,34 @@ pub struct BatchResult {
 /// Writes the whole batch in one transaction, at time `now`.
 pub fn commit(conn: &mut DbConn, batch: &WriteBatch, now: i64) -> QueryResult<BatchResult> {
     write_tx(conn, |c| {
+        if batch.cluster.is_some() && !batch.posts.is_empty() {
+            // Commits that create notifications go one at a time across the cluster, so every
+            // node sees `seq` order as commit order.
+            cluster::lock_commits(c)?;
+        }
         let mut result = BatchResult {
             posts: create_all(c, &batch.posts, now)?,
             ..BatchResult::default()
         };
+        if let Some(tag) = &batch.cluster {
+            let seqs = result.posts.iter().filter_map(|p| match p {
+                PostOutcome::Created { seq, .. } => Some(*seq),
+                _ => None,
+            });
+            if let (Some(lo), Some(hi)) = (seqs.clone().min(), seqs.max()) {
+                cluster::notify(
+                    c,
+                    &Signal::Posts {
+                        node: tag.node.clone(),
+                        batch: tag.batch,
+                        lo,
+                        hi,
+                    },
+                )?;
+            }
+            cluster::apply_presence(c, &tag.node, &batch.presence)?;
+            count_online(c, &mut result.posts)?;
+        }
         result.delivered = queries::mark_delivered_all(c, &batch.delivered, now)? as u64;
         result.acked = queries::ack_all(c, &batch.acks, now)? as u64;
         queries::touch_last_seen_all(c, &batch.seen)?;
@@ -146,6 +191,38 @@ pub fn commit(conn: &mut DbConn, batch: &WriteBatch, now: i64) -> QueryResult<Ba
         }
         Ok(result)
     })
+}
+
+/// Sets each created post's `online_now` from the cluster's presence, in one query.
+fn count_online(c: &mut DbConn, posts: &mut [PostOutcome]) -> QueryResult<()> {
+    let targets: Vec<String> = posts
+        .iter()
+        .filter_map(|p| match p {
+            PostOutcome::Created { device_ids, .. } => Some(device_ids.iter().cloned()),
+            _ => None,
+        })
+        .flatten()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    let online: HashSet<String> = cluster::online_since(c, &targets)?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    for p in posts {
+        if let PostOutcome::Created {
+            device_ids,
+            online_now,
+            ..
+        } = p
+        {
+            *online_now = Some(device_ids.iter().filter(|d| online.contains(*d)).count() as u32);
+        }
+    }
+    Ok(())
 }
 
 /// Creates a batch's posts with a fixed number of statements however many posts there are
@@ -236,6 +313,7 @@ fn create_all(c: &mut DbConn, posts: &[PostInput], now: i64) -> QueryResult<Vec<
             created_at: now,
             expires_at: now + posts[i].ttl_ms,
             device_ids: targets,
+            online_now: None,
         });
     }
     Ok(outcomes

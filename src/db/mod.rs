@@ -5,6 +5,8 @@
 //! borrowed for the length of that synchronous call and returned when it ends.
 
 pub mod batch;
+pub mod cluster;
+pub mod listener;
 pub mod queries;
 pub mod schema;
 
@@ -99,9 +101,17 @@ impl Backend {
     pub fn migrate(&self) -> Result<usize, ConnectError> {
         let ran = match self.connect()? {
             DbConn::Sqlite(mut c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
-            DbConn::Pg(mut c) => c
-                .run_pending_migrations(POSTGRES_MIGRATIONS)
-                .map(|v| v.len()),
+            DbConn::Pg(mut c) => {
+                // Nodes starting together must not run the same migration twice: the first
+                // takes the lock, the others find nothing left to do.
+                cluster::lock_migrations(&mut c)
+                    .map_err(|e| ConnectError::Migration(e.to_string()))?;
+                let ran = c
+                    .run_pending_migrations(POSTGRES_MIGRATIONS)
+                    .map(|v| v.len());
+                let _ = cluster::unlock_migrations(&mut c);
+                ran
+            }
         };
         ran.map_err(|e| ConnectError::Migration(e.to_string()))
     }

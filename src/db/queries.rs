@@ -118,6 +118,10 @@ pub fn revoke_service_key(conn: &mut DbConn, id: &str, now: i64) -> QueryResult<
         .filter(service_keys::revoked_at.is_null())
         .set(service_keys::revoked_at.eq(now))
         .execute(conn)?;
+    if n == 1 && matches!(conn, DbConn::Pg(_)) {
+        // Every node forgets the key at once (their credential caches included).
+        super::cluster::notify(conn, &super::cluster::Signal::RevokeKey { key: id.into() })?;
+    }
     Ok(n == 1)
 }
 
@@ -175,6 +179,14 @@ pub fn revoke_device(conn: &mut DbConn, id: &str, now: i64) -> QueryResult<Optio
                 .filter(unacked()),
         )
         .execute(conn)?;
+        if matches!(conn, DbConn::Pg(_)) {
+            super::cluster::forget_presence(conn, id)?;
+            // Every node forgets the device's credential and closes its session there (4001).
+            super::cluster::notify(
+                conn,
+                &super::cluster::Signal::RevokeDevice { device: id.into() },
+            )?;
+        }
     }
     Ok(device)
 }

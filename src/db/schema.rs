@@ -48,4 +48,30 @@ diesel::table! {
 }
 
 diesel::joinable!(deliveries -> notifications (notification_seq));
-diesel::allow_tables_to_appear_in_same_query!(service_keys, devices, notifications, deliveries);
+diesel::allow_tables_to_appear_in_same_query!(
+    service_keys,
+    devices,
+    notifications,
+    deliveries,
+    nodes,
+    presence
+);
+
+diesel::table! {
+    nodes (node_id) {
+        node_id -> Text,
+        started_at -> BigInt,
+        lease_expires_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    presence (device_id) {
+        device_id -> Text,
+        user_id -> Text,
+        name -> Text,
+        node_id -> Text,
+        session_id -> Text,
+        connected_at -> BigInt,
+    }
+}

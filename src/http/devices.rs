@@ -192,7 +192,7 @@ pub async fn list(
             device_ids: rows.iter().map(|r| r.id.clone()).collect(),
         })
         .await
-        .map_err(|_| ApiError::internal())?;
+        .map_err(|_| ApiError::internal())??;
     let devices: Vec<DeviceView> = rows
         .into_iter()
         .map(|r| DeviceView {

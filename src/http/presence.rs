@@ -110,7 +110,7 @@ pub async fn list(
             limit,
         })
         .await
-        .map_err(|_| ApiError::internal())?;
+        .map_err(|_| ApiError::internal())??;
     Ok(HttpResponse::Ok().json(page))
 }
 
@@ -181,7 +181,7 @@ pub async fn user(
             device_ids: rows.iter().map(|r| r.id.clone()).collect(),
         })
         .await
-        .map_err(|_| ApiError::internal())?;
+        .map_err(|_| ApiError::internal())??;
     let devices: Vec<UserDevice> = rows
         .into_iter()
         .map(|r| {

@@ -6,6 +6,7 @@ mod helpers;
 
 mod authz;
 mod cli;
+mod cluster;
 mod crash;
 mod delivery;
 mod hostile;
@@ -13,6 +14,7 @@ mod http_api;
 mod invariants;
 mod load;
 mod metrics;
+mod nodes;
 mod openapi;
 mod operations;
 mod outage;

@@ -38,6 +38,8 @@ pub const HERALD_ENV: &[&str] = &[
     "HERALD_AUTH_FAILURE_BURST_PER_IP",
     "HERALD_TRUSTED_PROXIES",
     "HERALD_HANDSHAKE_TIMEOUT_MS",
+    "HERALD_NODE_ID",
+    "HERALD_NODE_LEASE_MS",
 ];
 
 /// `herald` with a clean environment, run in `dir`.
