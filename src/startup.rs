@@ -108,14 +108,13 @@ impl Application {
                     .unwrap_or_else(|| {
                         format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
                     });
+                if !crate::db::cluster::valid_node_id(&node) {
+                    return Err(StartError::Cluster(format!(
+                        "HERALD_NODE_ID must be 1-64 characters of A-Z a-z 0-9 . _ : - (got {node:?})"
+                    )));
+                }
                 let lease = Duration::from_millis(args.node_lease_ms.max(300));
                 let lease_ms = lease.as_millis() as i64;
-                let n = node.clone();
-                db.write(db.deadline(), move |c| {
-                    crate::db::cluster::start_node(c, &n, lease_ms).map_err(DbError::from)
-                })
-                .await
-                .map_err(|e| StartError::Cluster(format!("cannot register node {node}: {e}")))?;
                 let presence = Presence::for_cluster(db.clone()).start();
                 let router = Router::new(
                     node.clone(),
@@ -125,14 +124,26 @@ impl Application {
                 )
                 .start();
                 let (heard, resumed) = (router.clone(), router.clone());
+                // Listening (and holding the node's liveness lock) before the node's row exists,
+                // so no other node takes the row for a dead one's.
                 signals = Some(
                     crate::db::listener::start(
                         url,
+                        &node,
                         move |signal| heard.do_send(Heard(signal)),
                         move || resumed.do_send(ListenerResumed),
                     )
                     .map_err(|e| StartError::Cluster(format!("cannot LISTEN: {e}")))?,
                 );
+                let n = node.clone();
+                db.write(db.deadline(), move |c| {
+                    crate::db::cluster::start_node(c, &n, lease_ms)?;
+                    // A node that died just now (this one's last life, say) goes at once.
+                    crate::db::cluster::reap(c)?;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| StartError::Cluster(format!("cannot register node {node}: {e}")))?;
                 let committer = Committer::new(db.clone(), presence.clone(), counters.clone())
                     .in_cluster(node.clone(), router)
                     .start();

@@ -155,13 +155,15 @@ pub struct BatchResult {
 /// Writes the whole batch in one transaction, at time `now`.
 pub fn commit(conn: &mut DbConn, batch: &WriteBatch, now: i64) -> QueryResult<BatchResult> {
     write_tx(conn, |c| {
+        let mut created_at = now;
         if batch.cluster.is_some() && !batch.posts.is_empty() {
             // Commits that create notifications go one at a time across the cluster, so every
-            // node sees `seq` order as commit order.
+            // node sees `seq` order as commit order, and `created_at` follows it.
             cluster::lock_commits(c)?;
+            created_at = cluster::creation_time(c)?;
         }
         let mut result = BatchResult {
-            posts: create_all(c, &batch.posts, now)?,
+            posts: create_all(c, &batch.posts, created_at)?,
             ..BatchResult::default()
         };
         if let Some(tag) = &batch.cluster {

@@ -16,6 +16,10 @@ pub const CHANNEL: &str = "herald";
 /// Advisory lock keys ("herald" in ASCII, then a number).
 const MIGRATION_LOCK: i64 = 0x6865_7261_6c64_0001;
 const COMMIT_LOCK: i64 = 0x6865_7261_6c64_0002;
+/// First key of the two-key advisory lock each node's listener session holds while the node
+/// lives (the second is `hashtext(node_id)`): the database releases it the moment the node's
+/// process dies, so the others can tell a dead node without waiting for its lease.
+const LIVENESS_LOCK: i32 = 0x6865_7200;
 /// Milliseconds since the Unix epoch on the database's clock.
 const DB_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
@@ -110,6 +114,38 @@ pub fn notify(conn: &mut DbConn, signal: &Signal) -> QueryResult<()> {
         .map(drop)
 }
 
+/// Whether a node id is safe everywhere it goes (log lines, SQL literals, signals).
+pub fn valid_node_id(node: &str) -> bool {
+    (1..=64).contains(&node.len())
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}
+
+/// The statement the listener's session runs to hold `node`'s liveness lock (`node` must be
+/// [`valid_node_id`]).
+pub fn liveness_lock_sql(node: &str) -> String {
+    assert!(valid_node_id(node), "node ids are checked at start");
+    format!("SELECT pg_advisory_lock({LIVENESS_LOCK}, hashtext('{node}'))")
+}
+
+/// The creation time for a batch of new notifications, taken under the commit lock: the
+/// database's clock, never before the last notification's, so `created_at` never goes back in
+/// `seq` order whichever node writes.
+pub fn creation_time(conn: &mut DbConn) -> QueryResult<i64> {
+    #[derive(QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = BigInt)]
+        now: i64,
+    }
+    let row: Now = sql_query(format!(
+        "SELECT GREATEST({DB_NOW}, COALESCE((SELECT created_at FROM notifications \
+         ORDER BY seq DESC LIMIT 1), 0)) AS now"
+    ))
+    .get_result(pg(conn)?)?;
+    Ok(row.now)
+}
+
 /// A node's start: its lease row, and none of the presence it left behind when it last died
 /// (DESIGN.md invariant 6).
 pub fn start_node(conn: &mut DbConn, node: &str, lease_ms: i64) -> QueryResult<()> {
@@ -160,13 +196,15 @@ struct NodeIdRow {
     node_id: String,
 }
 
-/// Removes nodes whose lease has expired, and every presence row of a node that is not live.
+/// Removes nodes whose lease has expired or whose process is gone (its liveness lock is free),
+/// and every presence row of a node that is not live.
 /// Returns the nodes removed and how many presence rows went with them.
 pub fn reap(conn: &mut DbConn) -> QueryResult<(Vec<String>, usize)> {
     let c = pg(conn)?;
     c.transaction(|c| {
         let dead: Vec<NodeIdRow> = sql_query(format!(
-            "DELETE FROM nodes WHERE lease_expires_at < {DB_NOW} RETURNING node_id"
+            "DELETE FROM nodes WHERE lease_expires_at < {DB_NOW} \
+             OR pg_try_advisory_xact_lock({LIVENESS_LOCK}, hashtext(node_id)) RETURNING node_id"
         ))
         .load(c)?;
         let cleared = sql_query(

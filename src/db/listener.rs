@@ -42,8 +42,24 @@ impl Conn {
             .to_owned()
     }
 
-    /// Connects and subscribes to the channel.
-    fn open(url: &str) -> Result<Conn, String> {
+    /// Runs one statement that returns nothing of interest.
+    fn exec(&self, sql: &str) -> Result<(), String> {
+        let query = CString::new(sql).map_err(|_| "a statement contains a NUL byte")?;
+        // SAFETY: a live connection and a valid query; the result is cleared once.
+        unsafe {
+            let res = pq_sys::PQexec(self.0.as_ptr(), query.as_ptr());
+            let status = pq_sys::PQresultStatus(res);
+            pq_sys::PQclear(res);
+            match status {
+                pq_sys::ExecStatusType::PGRES_COMMAND_OK
+                | pq_sys::ExecStatusType::PGRES_TUPLES_OK => Ok(()),
+                _ => Err(self.error()),
+            }
+        }
+    }
+
+    /// Connects, runs `hold` (the node's liveness lock) and subscribes to the channel.
+    fn open(url: &str, hold: &str) -> Result<Conn, String> {
         let info = CString::new(url).map_err(|_| "the database URL contains a NUL byte")?;
         // SAFETY: `info` is a valid C string; a null result means out of memory.
         let raw = unsafe { pq_sys::PQconnectdb(info.as_ptr()) };
@@ -52,16 +68,8 @@ impl Conn {
         if unsafe { pq_sys::PQstatus(conn.0.as_ptr()) } != pq_sys::ConnStatusType::CONNECTION_OK {
             return Err(conn.error());
         }
-        let listen = CString::new(format!("LISTEN {CHANNEL}")).expect("no NUL");
-        // SAFETY: a live connection and a valid query; the result is cleared once.
-        unsafe {
-            let res = pq_sys::PQexec(conn.0.as_ptr(), listen.as_ptr());
-            let ok = pq_sys::PQresultStatus(res) == pq_sys::ExecStatusType::PGRES_COMMAND_OK;
-            pq_sys::PQclear(res);
-            if !ok {
-                return Err(conn.error());
-            }
-        }
+        conn.exec(hold)?;
+        conn.exec(&format!("LISTEN {CHANNEL}"))?;
         Ok(conn)
     }
 
@@ -125,16 +133,20 @@ impl Drop for Listener {
     }
 }
 
-/// Starts listening. Returns once the first `LISTEN` is in place (so no signal committed after
+/// Starts listening for `node`. Returns once the first `LISTEN` is in place (so no signal committed after
 /// this returns is missed), or the error if the first connection fails. After a lost
 /// connection the thread reconnects and calls `resumed`: signals sent meanwhile are lost, and
 /// the node must catch up from the database.
 pub fn start(
     url: &str,
+    node: &str,
     deliver: impl Fn(Signal) + Send + 'static,
     resumed: impl Fn() + Send + 'static,
 ) -> Result<Listener, String> {
-    let first = Conn::open(url)?;
+    // The listener's session also holds the node's liveness lock: it lives exactly as long as
+    // the node (or until the connection is lost, when it is taken again on reconnecting).
+    let hold = super::cluster::liveness_lock_sql(node);
+    let first = Conn::open(url, &hold)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let url = url.to_owned();
@@ -145,7 +157,7 @@ pub fn start(
             while !flag.load(Ordering::Relaxed) {
                 let c = match conn.take() {
                     Some(c) => c,
-                    None => match Conn::open(&url) {
+                    None => match Conn::open(&url, &hold) {
                         Ok(c) => {
                             log::info!("listening for cluster signals again");
                             resumed();
