@@ -64,6 +64,11 @@ impl Conn {
         // SAFETY: `info` is a valid C string; a null result means out of memory.
         let raw = unsafe { pq_sys::PQconnectdb(info.as_ptr()) };
         let conn = Conn(NonNull::new(raw).ok_or("libpq could not allocate a connection")?);
+        // SAFETY: a live connection; the processor is a plain function that only reads the
+        // NUL-terminated message libpq passes it.
+        unsafe {
+            pq_sys::PQsetNoticeProcessor(conn.0.as_ptr(), Some(log_notice), std::ptr::null_mut());
+        }
         // SAFETY: a live connection.
         if unsafe { pq_sys::PQstatus(conn.0.as_ptr()) } != pq_sys::ConnStatusType::CONNECTION_OK {
             return Err(conn.error());
@@ -119,6 +124,16 @@ impl Conn {
             }
         }
         Ok(())
+    }
+}
+
+/// Server notices on the listener's connection (e.g. "terminating connection due to
+/// administrator command") go to the log, not to stderr, which libpq would use by default.
+unsafe extern "C" fn log_notice(_: *mut std::ffi::c_void, message: *const std::ffi::c_char) {
+    if !message.is_null() {
+        // SAFETY: libpq passes a NUL-terminated message valid for this call.
+        let text = unsafe { CStr::from_ptr(message) }.to_string_lossy();
+        log::debug!("cluster listener: {}", text.trim());
     }
 }
 

@@ -84,6 +84,16 @@ fn validate(body: PostBody) -> Result<(Vec<String>, Vec<String>, String, i64), A
             "the payload is limited to {MAX_PAYLOAD_BYTES} bytes"
         )));
     }
+    // The payload is kept as the client sent it, so it must be JSON every client can read back:
+    // nested at most 128 deep and with no lone UTF-16 surrogate in its escapes (serde_json's
+    // rules, and within what common parsers accept). Otherwise a device could not parse the
+    // notification, so could never ack it, and would get it again on every reconnect.
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(payload) {
+        return Err(ApiError::unprocessable(
+            "invalid_request",
+            format!("payload: not JSON that devices can read back ({e})"),
+        ));
+    }
     let ttl = domain::parse_ttl(body.ttl_seconds)?;
     Ok((user_ids, device_ids, payload.to_owned(), ttl * 1000))
 }

@@ -470,3 +470,48 @@ async fn a_connection_that_never_sends_a_request_is_dropped(b: Backend) {
     let (status, _) = app.get("/v1/stats", &app.admin.clone()).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+both_backends!(a_payload_devices_could_not_read_back_is_refused);
+
+/// A payload is stored and sent as the client wrote it, so it must be JSON a device can parse:
+/// nested at most 128 deep, no lone UTF-16 surrogate escape. Otherwise a device could never
+/// parse it, never ack it, and would get it again on every reconnect. Nothing is stored.
+async fn a_payload_devices_could_not_read_back_is_refused(b: Backend) {
+    let app = spawn_app(b).await;
+    let key = app.service_key().await;
+    let device = app.device(&key, "reader").await;
+    let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+    let post =
+        |payload: String| format!(r#"{{"device_ids":["{}"],"payload":{payload}}}"#, device.id);
+    for (payload, ok) in [
+        (nested(100), true),
+        (r#""\ud83d\ude00 paired""#.to_owned(), true),
+        (nested(5_000), false),
+        (r#""\ud800 alone""#.to_owned(), false),
+        (r#"{"a":"\udc00"}"#.to_owned(), false),
+    ] {
+        let (status, _, body) = app
+            .call_raw(
+                "POST",
+                "/v1/notifications",
+                Some(&key),
+                Some(post(payload.clone()).into_bytes()),
+                &[("Content-Type", "application/json")],
+            )
+            .await;
+        let shown = &payload[..payload.len().min(40)];
+        if ok {
+            assert_eq!(status, StatusCode::ACCEPTED, "{shown}: {body}");
+        } else {
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{shown}: {body}");
+            assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+        }
+    }
+    // The two accepted ones arrive and parse; nothing else was stored.
+    let mut ws = app.connect(&device).await;
+    ws.recv_notification().await;
+    let n = ws.recv_notification().await;
+    assert_eq!(n["payload"], "\u{1F600} paired");
+    ws.expect_silence(Duration::from_millis(300)).await;
+    ws.close().await;
+}
