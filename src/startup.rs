@@ -116,8 +116,12 @@ impl Application {
                 let lease = Duration::from_millis(args.node_lease_ms.max(300));
                 let lease_ms = lease.as_millis() as i64;
                 let presence = Presence::for_cluster(db.clone()).start();
+                // A random number per process: its batches' signals are told from an earlier
+                // process's with the same node id.
+                let run = uuid::Uuid::new_v4().as_u64_pair().0;
                 let router = Router::new(
                     node.clone(),
+                    run,
                     db.clone(),
                     presence.clone(),
                     auth_cache.clone(),
@@ -139,13 +143,13 @@ impl Application {
                 db.write(db.deadline(), move |c| {
                     crate::db::cluster::start_node(c, &n, lease_ms)?;
                     // A node that died just now (this one's last life, say) goes at once.
-                    crate::db::cluster::reap(c)?;
+                    crate::db::cluster::reap(c, true)?;
                     Ok(())
                 })
                 .await
                 .map_err(|e| StartError::Cluster(format!("cannot register node {node}: {e}")))?;
                 let committer = Committer::new(db.clone(), presence.clone(), counters.clone())
-                    .in_cluster(node.clone(), router)
+                    .in_cluster(node.clone(), run, router)
                     .start();
                 NodeKeeper::new(
                     node.clone(),

@@ -101,12 +101,20 @@ pub struct Committer {
     cluster: Option<ClusterLink>,
     /// Sessions waiting for their presence row to be written (in `next`).
     online_waiters: Vec<oneshot::Sender<bool>>,
+    /// Sessions lately gone offline, so a re-assertion of their row that raced their end is
+    /// dropped (bounded: the oldest are forgotten).
+    gone: std::collections::HashSet<String>,
+    gone_order: std::collections::VecDeque<String>,
 }
+
+/// Ended sessions remembered against late re-assertions.
+const GONE_KEPT: usize = 50_000;
 
 /// How the Committer takes part in a cluster: its batches carry the node's id and a number,
 /// and their notifications go to the Router, which publishes them in the cluster's commit order.
 pub struct ClusterLink {
     pub node: String,
+    pub run: u64,
     pub router: Addr<Router>,
     pub batches: u64,
 }
@@ -130,13 +138,16 @@ impl Committer {
             flush_queued: false,
             cluster: None,
             online_waiters: Vec::new(),
+            gone: Default::default(),
+            gone_order: Default::default(),
         }
     }
 
     /// Makes this Committer one node's of several.
-    pub fn in_cluster(mut self, node: String, router: Addr<Router>) -> Self {
+    pub fn in_cluster(mut self, node: String, run: u64, router: Addr<Router>) -> Self {
         self.cluster = Some(ClusterLink {
             node,
+            run,
             router,
             batches: 0,
         });
@@ -188,6 +199,7 @@ impl Committer {
             link.batches += 1;
             batch.cluster = Some(ClusterTag {
                 node: link.node.clone(),
+                run: link.run,
                 batch: link.batches,
             });
         }
@@ -302,11 +314,13 @@ impl Committer {
         let counts: futures_util::future::LocalBoxFuture<'static, Vec<u32>> =
             match (&self.cluster, &batch.cluster) {
                 (Some(link), Some(tag)) => {
-                    let sent = link.router.send(OwnBatch {
+                    // The Router publishes it in the cluster's commit order; the answers do not
+                    // wait for that (`delivered_now` is the cluster's count, `online_now`).
+                    link.router.do_send(OwnBatch {
                         batch: tag.batch,
                         items: published,
                     });
-                    Box::pin(async move { sent.await.unwrap_or_default() })
+                    Box::pin(async { Vec::new() })
                 }
                 _ => {
                     let sent = self.presence.send(Publish { items: published });
@@ -381,7 +395,9 @@ impl Committer {
         failed.posts.clear();
         failed.cluster = None;
         *next = failed;
-        while next.weight() > MAX_BACKLOG {
+        // Presence changes are kept whatever the backlog (dropping one would leave a ghost row
+        // or lose a session's row); they do not push acks out either.
+        while next.weight() - next.presence.len() > MAX_BACKLOG {
             let dropped = if !next.delivered.is_empty() {
                 next.delivered.remove(0);
                 "delivery mark"
@@ -579,6 +595,19 @@ impl Handler<AfterWrites> for Committer {
     }
 }
 
+impl Committer {
+    fn remember_gone(&mut self, session_id: &str) {
+        if self.gone.insert(session_id.to_owned()) {
+            self.gone_order.push_back(session_id.to_owned());
+            if self.gone_order.len() > GONE_KEPT {
+                if let Some(old) = self.gone_order.pop_front() {
+                    self.gone.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 impl Handler<PresenceUpdate> for Committer {
     type Result = ();
 
@@ -589,6 +618,13 @@ impl Handler<PresenceUpdate> for Committer {
                 let _ = reply.send(true);
             }
             return;
+        }
+        match &msg.change {
+            PresenceChange::Offline { session_id, .. } => self.remember_gone(session_id),
+            PresenceChange::Reassert { session_id, .. } if self.gone.contains(session_id) => {
+                return;
+            }
+            _ => {}
         }
         self.next.presence.push(msg.change);
         if let Some(reply) = msg.written {

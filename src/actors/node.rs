@@ -50,7 +50,7 @@ impl NodeKeeper {
                 })
                 .await;
             let reaped = db
-                .write(db.deadline(), |c| cluster::reap(c).map_err(DbError::from))
+                .write(db.deadline(), |c| cluster::reap(c, false).map_err(DbError::from))
                 .await;
             (renewed, reaped)
         }

@@ -8,14 +8,16 @@
 //! order. The Router follows that stream: a batch this node wrote is published from memory when
 //! its own signal comes round (no read); another node's batch is read from the database.
 //! Anything that may have been missed (a lost listener connection, a batch that could not be
-//! read) makes every session here catch up from the database, which is always complete.
+//! read, a batch of this node's whose signal never came) makes every session here catch up from
+//! the database, which is always complete — never a publish out of order: a session skips any
+//! `seq` at or below the last it sent, so an out-of-order publish could hide an earlier one.
+//! Catch-ups are coalesced (one per `CATCH_UP_EVERY`), so a flapping listener is not a stampede.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tokio::sync::oneshot;
 
 use super::db::Db;
 use super::messages::*;
@@ -32,11 +34,15 @@ const OWN_WAIT: Duration = Duration::from_secs(2);
 const RECHECK: Duration = Duration::from_millis(20);
 /// Attempts to read another node's batch before every session is told to catch up instead.
 const READ_ATTEMPTS: u32 = 3;
+/// At most one catch-up of every session per this long.
+const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
+/// Swept batch numbers remembered, so their late signals are skipped.
+const SWEPT_KEPT: usize = 1024;
 
-/// Committer → Router: this node's batch `batch`, committed; answered with the number of
-/// sessions each notification reached, once it is published.
+/// Committer → Router: this node's batch `batch`, committed (the Committer does not wait: in a
+/// cluster, `delivered_now` comes from the database's presence).
 #[derive(Message)]
-#[rtype(result = "Vec<u32>")]
+#[rtype(result = "()")]
 pub struct OwnBatch {
     pub batch: u64,
     pub items: Vec<(Outbound, Vec<String>)>,
@@ -54,7 +60,6 @@ pub struct ListenerResumed;
 
 struct OwnItems {
     items: Vec<(Outbound, Vec<String>)>,
-    reply: oneshot::Sender<Vec<u32>>,
     since: Instant,
 }
 
@@ -75,28 +80,64 @@ enum Step {
 
 pub struct Router {
     node: String,
+    /// This process's random number: signals of an earlier process with the same node id are
+    /// someone else's batches.
+    run: u64,
     db: Db,
     presence: Addr<Presence>,
     auth_cache: Arc<AuthCache>,
     queue: VecDeque<Step>,
     /// This node's committed batches, by number, until their signal comes round.
     own: HashMap<u64, OwnItems>,
-    /// A step is being published (or read); the queue waits for it.
+    /// Own batches given up on (their signal never came), so a late signal is skipped.
+    swept: VecDeque<u64>,
+    /// A step is being read; the queue waits for it.
     busy: bool,
     recheck_queued: bool,
+    last_catch_up: Option<Instant>,
+    catch_up_queued: bool,
 }
 
 impl Router {
-    pub fn new(node: String, db: Db, presence: Addr<Presence>, auth_cache: Arc<AuthCache>) -> Self {
+    pub fn new(
+        node: String,
+        run: u64,
+        db: Db,
+        presence: Addr<Presence>,
+        auth_cache: Arc<AuthCache>,
+    ) -> Self {
         Router {
             node,
+            run,
             db,
             presence,
             auth_cache,
             queue: VecDeque::new(),
             own: HashMap::new(),
+            swept: VecDeque::new(),
             busy: false,
             recheck_queued: false,
+            last_catch_up: None,
+            catch_up_queued: false,
+        }
+    }
+
+    /// Every session here reads what it may have missed from the database — at most once per
+    /// `CATCH_UP_EVERY` (a later request is folded into one at the end of the period).
+    fn catch_up(&mut self, ctx: &mut Context<Self>) {
+        let wait = self
+            .last_catch_up
+            .map(|t| CATCH_UP_EVERY.saturating_sub(t.elapsed()))
+            .unwrap_or_default();
+        if wait.is_zero() {
+            self.last_catch_up = Some(Instant::now());
+            self.presence.do_send(CatchUp);
+        } else if !self.catch_up_queued {
+            self.catch_up_queued = true;
+            ctx.run_later(wait, |act, ctx| {
+                act.catch_up_queued = false;
+                act.catch_up(ctx);
+            });
         }
     }
 
@@ -126,7 +167,7 @@ impl Router {
                 } => {
                     if let Some(own) = self.own.remove(batch) {
                         self.queue.pop_front();
-                        self.publish(ctx, own.items, Some(own.reply));
+                        self.publish(own.items);
                     } else if since.elapsed() > OWN_WAIT {
                         // Its items never came (the write outlived its deadline and was answered
                         // 503, yet committed): read them like another node's.
@@ -150,24 +191,10 @@ impl Router {
         }
     }
 
-    fn publish(
-        &mut self,
-        ctx: &mut Context<Self>,
-        items: Vec<(Outbound, Vec<String>)>,
-        reply: Option<oneshot::Sender<Vec<u32>>>,
-    ) {
-        self.busy = true;
-        self.presence
-            .send(Publish { items })
-            .into_actor(self)
-            .map(|counts, act, ctx| {
-                if let Some(reply) = reply {
-                    let _ = reply.send(counts.unwrap_or_default());
-                }
-                act.busy = false;
-                act.drive(ctx);
-            })
-            .wait(ctx);
+    /// Hands a batch to Presence. `do_send`, like every catch-up: Presence sees them in the
+    /// order the Router sends them.
+    fn publish(&mut self, items: Vec<(Outbound, Vec<String>)>) {
+        self.presence.do_send(Publish { items });
     }
 
     fn read_and_publish(&mut self, ctx: &mut Context<Self>, lo: i64, hi: i64, attempt: u32) {
@@ -206,18 +233,17 @@ impl Router {
                     }
                 }
                 act.busy = false;
-                if items.is_empty() {
-                    act.drive(ctx);
-                } else {
-                    act.publish(ctx, items, None);
+                if !items.is_empty() {
+                    act.publish(items);
                 }
+                act.drive(ctx);
             }
             Err(e) => {
                 act.busy = false;
                 if attempt + 1 >= READ_ATTEMPTS {
                     log::warn!("cannot read batch {lo}..={hi} ({e}); sessions catch up instead");
                     act.queue.pop_front();
-                    act.presence.do_send(CatchUp);
+                    act.catch_up(ctx);
                 } else if let Some(Step::Other { attempts, .. }) = act.queue.front_mut() {
                     *attempts = attempt + 1;
                 }
@@ -227,8 +253,9 @@ impl Router {
         .wait(ctx);
     }
 
-    /// Own batches whose signal never came (the listener lost it): published out of turn, after
-    /// which every session catches up, since order can no longer be vouched for.
+    /// Own batches whose signal never came within `OWN_WAIT` (the listener lost it): not
+    /// published — that could put them ahead of an earlier batch still unheard of — but dropped,
+    /// and every session catches up from the database instead.
     fn sweep_orphans(&mut self, ctx: &mut Context<Self>) {
         let waiting: Vec<u64> = self
             .own
@@ -249,19 +276,17 @@ impl Router {
             return;
         }
         log::warn!(
-            "{} batch(es) of this node had no signal within {OWN_WAIT:?}; publishing them and catching up",
+            "{} batch(es) of this node had no signal within {OWN_WAIT:?}; sessions catch up instead",
             waiting.len()
         );
         for b in waiting {
-            if let Some(own) = self.own.remove(&b) {
-                let counts = self.presence.send(Publish { items: own.items });
-                let reply = own.reply;
-                actix::spawn(async move {
-                    let _ = reply.send(counts.await.unwrap_or_default());
-                });
+            self.own.remove(&b);
+            self.swept.push_back(b);
+            if self.swept.len() > SWEPT_KEPT {
+                self.swept.pop_front();
             }
         }
-        self.presence.do_send(CatchUp);
+        self.catch_up(ctx);
     }
 }
 
@@ -270,21 +295,18 @@ impl Actor for Router {
 }
 
 impl Handler<OwnBatch> for Router {
-    type Result = ResponseFuture<Vec<u32>>;
+    type Result = ();
 
-    fn handle(&mut self, msg: OwnBatch, ctx: &mut Context<Self>) -> Self::Result {
-        let (reply, counted) = oneshot::channel();
+    fn handle(&mut self, msg: OwnBatch, ctx: &mut Context<Self>) {
         self.own.insert(
             msg.batch,
             OwnItems {
                 items: msg.items,
-                reply,
                 since: Instant::now(),
             },
         );
         self.drive(ctx);
         self.recheck_later(ctx);
-        Box::pin(async move { counted.await.unwrap_or_default() })
     }
 }
 
@@ -295,11 +317,17 @@ impl Handler<Heard> for Router {
         match signal {
             Signal::Posts {
                 node,
+                run,
                 batch,
                 lo,
                 hi,
             } => {
-                self.queue.push_back(if node == self.node {
+                let own = node == self.node && run == self.run;
+                if own && self.swept.contains(&batch) {
+                    // Given up on already; the catch-up read it.
+                    return;
+                }
+                self.queue.push_back(if own {
                     Step::Own {
                         batch,
                         lo,
@@ -339,8 +367,10 @@ impl Handler<Heard> for Router {
 impl Handler<ListenerResumed> for Router {
     type Result = ();
 
-    fn handle(&mut self, _: ListenerResumed, _: &mut Context<Self>) {
+    fn handle(&mut self, _: ListenerResumed, ctx: &mut Context<Self>) {
         log::info!("cluster signals may have been missed; every session catches up");
-        self.presence.do_send(CatchUp);
+        // Revocations may have been missed too: no cached credential is trusted.
+        self.auth_cache.forget_all();
+        self.catch_up(ctx);
     }
 }

@@ -21,7 +21,7 @@ use actix_web::body::BodyStream;
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::committer::Committer;
-use super::db::Db;
+use super::db::{Db, JobError};
 use super::messages::*;
 use super::presence::Presence;
 use super::socket::{FrameStream, SharedOutbox};
@@ -47,6 +47,9 @@ const REPLAY_RETRY: Duration = Duration::from_millis(500);
 const REPLAY_ATTEMPTS: u32 = 5;
 /// How long a session waits for its cluster presence row to be written before giving up (1013).
 const PRESENCE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing session waits for its presence row to go before it closes anyway (less
+/// than the shutdown's grace, so every session still gets its 1001).
+const OFFLINE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a replay waiting for the device to read checks the outbox again.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
@@ -337,7 +340,7 @@ impl Session {
             return;
         };
         async move {
-            let _ = tokio::time::timeout(PRESENCE_WRITE_TIMEOUT, done).await;
+            let _ = tokio::time::timeout(OFFLINE_WRITE_TIMEOUT, done).await;
         }
         .into_actor(self)
         .map(move |_, act, ctx| {
@@ -355,7 +358,24 @@ impl Session {
     /// Whether a frame of `len` bytes fits in the outbox.
     fn fits(&self, len: usize) -> bool {
         let (bytes, frames) = self.out.backlog();
-        bytes + len <= self.config.max_outbound_bytes && frames < self.config.max_outbound_frames
+        // An empty outbox takes any one frame, so a bound set below the largest notification
+        // cannot stall a session for good.
+        frames == 0
+            || (bytes + len <= self.config.max_outbound_bytes
+                && frames < self.config.max_outbound_frames)
+    }
+
+    /// Queues an answer to the device (a pong, an error frame) if there is room: a device that
+    /// sends without reading cannot grow its outbox with answers it does not read.
+    fn answer(&self, msg: Message) {
+        let len = match &msg {
+            Message::Text(t) => t.len(),
+            Message::Pong(b) => b.len(),
+            _ => 0,
+        };
+        if self.fits(len) {
+            self.send(msg);
+        }
     }
 
     /// The outbox is full: live pushes stop and the session catches up from the database once
@@ -458,7 +478,12 @@ impl Session {
                 }
             }
             Err(e) => {
-                act.replay_failures += 1;
+                // A busy executor (many sessions catching up at once) is not a failure: wait a
+                // little, spread out, and read again. Only real failures count towards 1013.
+                let busy = matches!(e, JobError::Overloaded | JobError::Timeout);
+                if !busy {
+                    act.replay_failures += 1;
+                }
                 log::warn!(
                     "session {}: replay failed ({e}), attempt {}",
                     act.id,
@@ -467,7 +492,8 @@ impl Session {
                 if act.replay_failures >= REPLAY_ATTEMPTS {
                     act.end(ctx, close::TRY_AGAIN_LATER, "database unavailable");
                 } else {
-                    ctx.run_later(REPLAY_RETRY, |act, ctx| act.replay_page(ctx));
+                    let spread = Duration::from_millis(u64::from(rand_jitter_ms()));
+                    ctx.run_later(REPLAY_RETRY + spread, |act, ctx| act.replay_page(ctx));
                 }
             }
         })
@@ -565,7 +591,7 @@ impl Session {
 
     fn text(&mut self, ctx: &mut Context<Self>, text: &str) {
         match protocol::decode_client_frame(text) {
-            Ok(ClientFrame::Ping) => self.send(Message::Text(protocol::PONG_FRAME.into())),
+            Ok(ClientFrame::Ping) => self.answer(Message::Text(protocol::PONG_FRAME.into())),
             Ok(ClientFrame::Ack { ids }) => {
                 if !ids.is_empty() {
                     // Delivery marks go first, so an acked delivery also has its delivered_at.
@@ -577,7 +603,7 @@ impl Session {
                 }
             }
             Err(err) => {
-                self.send(Message::Text(protocol::error_frame(&err).into()));
+                self.answer(Message::Text(protocol::error_frame(&err).into()));
                 self.bad_frame(ctx);
             }
         }
@@ -641,7 +667,7 @@ impl Session {
                 Ok(text) => self.text(ctx, text),
                 Err(_) => self.end(ctx, close::POLICY, "text frame is not UTF-8"),
             },
-            Ok(Frame::Ping(bytes)) => self.send(Message::Pong(bytes)),
+            Ok(Frame::Ping(bytes)) => self.answer(Message::Pong(bytes)),
             Ok(Frame::Pong(_)) => {}
             Ok(Frame::Binary(_)) => {
                 self.end(ctx, close::UNSUPPORTED, "binary frames are not supported")
@@ -770,4 +796,11 @@ impl Handler<CatchUp> for Session {
             }
         }
     }
+}
+
+/// Up to a second of jitter, so retries of many sessions do not come back together.
+fn rand_jitter_ms() -> u16 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    u16::from_le_bytes(b) % 1000
 }

@@ -107,6 +107,7 @@ pub struct WriteBatch {
 #[derive(Clone, Debug)]
 pub struct ClusterTag {
     pub node: String,
+    pub run: u64,
     pub batch: u64,
 }
 
@@ -176,6 +177,7 @@ pub fn commit(conn: &mut DbConn, batch: &WriteBatch, now: i64) -> QueryResult<Ba
                     c,
                     &Signal::Posts {
                         node: tag.node.clone(),
+                        run: tag.run,
                         batch: tag.batch,
                         lo,
                         hi,

@@ -28,9 +28,11 @@ const DB_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "k", rename_all = "snake_case")]
 pub enum Signal {
-    /// `node` committed notifications `lo..=hi` (its batch number `batch`).
+    /// `node` committed notifications `lo..=hi` (batch number `batch` of its process `run`:
+    /// a random number per start, so a new process never takes an old one's batch for its own).
     Posts {
         node: String,
+        run: u64,
         batch: u64,
         lo: i64,
         hi: i64,
@@ -70,6 +72,16 @@ pub enum PresenceChange {
         session_id: String,
         connected_at: i64,
     },
+}
+
+impl PresenceChange {
+    pub fn device_id(&self) -> &str {
+        match self {
+            PresenceChange::Online { device_id, .. }
+            | PresenceChange::Offline { device_id, .. }
+            | PresenceChange::Reassert { device_id, .. } => device_id,
+        }
+    }
 }
 
 fn pg(conn: &mut DbConn) -> QueryResult<&mut PgConnection> {
@@ -122,11 +134,11 @@ pub fn valid_node_id(node: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
 }
 
-/// The statement the listener's session runs to hold `node`'s liveness lock (`node` must be
-/// [`valid_node_id`]).
+/// The statement the listener's session runs to try to take `node`'s liveness lock; it answers
+/// `t` or `f` (`node` must be [`valid_node_id`]).
 pub fn liveness_lock_sql(node: &str) -> String {
     assert!(valid_node_id(node), "node ids are checked at start");
-    format!("SELECT pg_advisory_lock({LIVENESS_LOCK}, hashtext('{node}'))")
+    format!("SELECT pg_try_advisory_lock({LIVENESS_LOCK}, hashtext('{node}'))")
 }
 
 /// The creation time for a batch of new notifications, taken under the commit lock: the
@@ -155,9 +167,10 @@ pub fn start_node(conn: &mut DbConn, node: &str, lease_ms: i64) -> QueryResult<(
             .bind::<Text, _>(node)
             .execute(c)?;
         sql_query(format!(
-            "INSERT INTO nodes (node_id, started_at, lease_expires_at) VALUES ($1, {DB_NOW}, {DB_NOW} + $2) \
+            "INSERT INTO nodes (node_id, started_at, lease_expires_at, lease_ms) \
+             VALUES ($1, {DB_NOW}, {DB_NOW} + $2, $2) \
              ON CONFLICT (node_id) DO UPDATE SET started_at = excluded.started_at, \
-             lease_expires_at = excluded.lease_expires_at"
+             lease_expires_at = excluded.lease_expires_at, lease_ms = excluded.lease_ms"
         ))
         .bind::<Text, _>(node)
         .bind::<BigInt, _>(lease_ms)
@@ -181,7 +194,8 @@ pub fn renew_lease(conn: &mut DbConn, node: &str, lease_ms: i64) -> QueryResult<
         return Ok(true);
     }
     sql_query(format!(
-        "INSERT INTO nodes (node_id, started_at, lease_expires_at) VALUES ($1, {DB_NOW}, {DB_NOW} + $2) \
+        "INSERT INTO nodes (node_id, started_at, lease_expires_at, lease_ms) \
+         VALUES ($1, {DB_NOW}, {DB_NOW} + $2, $2) \
          ON CONFLICT (node_id) DO UPDATE SET lease_expires_at = excluded.lease_expires_at"
     ))
     .bind::<Text, _>(node)
@@ -196,15 +210,24 @@ struct NodeIdRow {
     node_id: String,
 }
 
-/// Removes nodes whose lease has expired or whose process is gone (its liveness lock is free),
-/// and every presence row of a node that is not live.
-/// Returns the nodes removed and how many presence rows went with them.
-pub fn reap(conn: &mut DbConn) -> QueryResult<(Vec<String>, usize)> {
+/// Removes nodes whose lease has expired, or whose process is gone (its liveness lock is free:
+/// the database dropped its connection), and every presence row of a node that is not live.
+/// A live node's lock is also free for a moment while its listener reconnects, so on the timer
+/// (`at_start` false) a free lock counts only once the node has also missed a renewal; a node
+/// starting (`at_start`) takes a free lock at its word, so a restarted node clears its previous
+/// life at once.
+pub fn reap(conn: &mut DbConn, at_start: bool) -> QueryResult<(Vec<String>, usize)> {
+    let missed = if at_start {
+        "TRUE".to_owned()
+    } else {
+        format!("lease_expires_at < {DB_NOW} + lease_ms / 2")
+    };
     let c = pg(conn)?;
     c.transaction(|c| {
         let dead: Vec<NodeIdRow> = sql_query(format!(
             "DELETE FROM nodes WHERE lease_expires_at < {DB_NOW} \
-             OR pg_try_advisory_xact_lock({LIVENESS_LOCK}, hashtext(node_id)) RETURNING node_id"
+             OR ({missed} AND pg_try_advisory_xact_lock({LIVENESS_LOCK}, hashtext(node_id))) \
+             RETURNING node_id"
         ))
         .load(c)?;
         let cleared = sql_query(
@@ -245,7 +268,11 @@ pub fn apply_presence(
     node: &str,
     changes: &[PresenceChange],
 ) -> QueryResult<()> {
-    for change in changes {
+    // Rows are locked in device order (a stable sort keeps each device's changes in order), so
+    // two nodes' batches never wait on each other's rows in a cycle.
+    let mut ordered: Vec<&PresenceChange> = changes.iter().collect();
+    ordered.sort_by(|a, b| a.device_id().cmp(b.device_id()));
+    for change in ordered {
         match change {
             PresenceChange::Online {
                 device_id,
@@ -254,6 +281,20 @@ pub fn apply_presence(
                 session_id,
                 connected_at,
             } => {
+                let inserted = insert_presence(
+                    conn,
+                    node,
+                    device_id,
+                    user_id,
+                    name,
+                    session_id,
+                    *connected_at,
+                )?;
+                if inserted {
+                    continue;
+                }
+                // The device has a row: take it over (a concurrent first insert has committed
+                // by now — the insert above waited for it) and kick the session it names.
                 let holder: Option<HolderRow> = sql_query(
                     "SELECT node_id, session_id FROM presence WHERE device_id = $1 FOR UPDATE",
                 )
@@ -261,10 +302,8 @@ pub fn apply_presence(
                 .get_result(pg(conn)?)
                 .optional()?;
                 sql_query(
-                    "INSERT INTO presence (device_id, user_id, name, node_id, session_id, connected_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id) DO UPDATE SET \
-                     user_id = excluded.user_id, name = excluded.name, node_id = excluded.node_id, \
-                     session_id = excluded.session_id, connected_at = excluded.connected_at",
+                    "UPDATE presence SET user_id = $2, name = $3, node_id = $4, session_id = $5, \
+                     connected_at = $6 WHERE device_id = $1",
                 )
                 .bind::<Text, _>(device_id)
                 .bind::<Text, _>(user_id)
@@ -293,17 +332,15 @@ pub fn apply_presence(
                 session_id,
                 connected_at,
             } => {
-                sql_query(
-                    "INSERT INTO presence (device_id, user_id, name, node_id, session_id, connected_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id) DO NOTHING",
-                )
-                .bind::<Text, _>(device_id)
-                .bind::<Text, _>(user_id)
-                .bind::<Text, _>(name)
-                .bind::<Text, _>(node)
-                .bind::<Text, _>(session_id)
-                .bind::<BigInt, _>(connected_at)
-                .execute(pg(conn)?)?;
+                insert_presence(
+                    conn,
+                    node,
+                    device_id,
+                    user_id,
+                    name,
+                    session_id,
+                    *connected_at,
+                )?;
             }
             PresenceChange::Offline {
                 device_id,
@@ -317,6 +354,30 @@ pub fn apply_presence(
         }
     }
     Ok(())
+}
+
+/// Inserts a presence row unless the device has one; true if it inserted.
+fn insert_presence(
+    conn: &mut DbConn,
+    node: &str,
+    device_id: &str,
+    user_id: &str,
+    name: &str,
+    session_id: &str,
+    connected_at: i64,
+) -> QueryResult<bool> {
+    let n = sql_query(
+        "INSERT INTO presence (device_id, user_id, name, node_id, session_id, connected_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id) DO NOTHING",
+    )
+    .bind::<Text, _>(device_id)
+    .bind::<Text, _>(user_id)
+    .bind::<Text, _>(name)
+    .bind::<Text, _>(node)
+    .bind::<Text, _>(session_id)
+    .bind::<BigInt, _>(connected_at)
+    .execute(pg(conn)?)?;
+    Ok(n == 1)
 }
 
 /// A revoked device is offline cluster-wide from the revocation's commit.
@@ -434,6 +495,7 @@ mod tests {
     fn signals_are_small_tagged_json() {
         let s = Signal::Posts {
             node: "n1".into(),
+            run: 3,
             batch: 7,
             lo: 10,
             hi: 12,
@@ -441,7 +503,7 @@ mod tests {
         let text = serde_json::to_string(&s).unwrap();
         assert_eq!(
             text,
-            r#"{"k":"posts","node":"n1","batch":7,"lo":10,"hi":12}"#
+            r#"{"k":"posts","node":"n1","run":3,"batch":7,"lo":10,"hi":12}"#
         );
         assert_eq!(serde_json::from_str::<Signal>(&text).unwrap(), s);
         let kick: Signal =

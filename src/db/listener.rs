@@ -11,7 +11,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::cluster::{Signal, CHANNEL};
 
@@ -19,6 +19,15 @@ use super::cluster::{Signal, CHANNEL};
 const POLL_MS: i32 = 500;
 /// Pause before reconnecting after the connection was lost.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// How often the connection is probed with a query: a path that died silently (a NAT or a
+/// failover dropping it without a reset) shows up within this plus the TCP user timeout below.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+/// How long a node waits at start for its liveness lock (held by its previous life's connection
+/// until the database notices that connection is gone).
+const LOCK_WAIT_AT_START: Duration = Duration::from_secs(30);
+/// libpq connection settings: give up connecting after 5 s; keepalives and a TCP user timeout
+/// so a dead path fails reads and writes within seconds, not the OS default of hours.
+const CONN_OPTIONS: &str = "connect_timeout=5&keepalives=1&keepalives_idle=5&keepalives_interval=2&keepalives_count=3&tcp_user_timeout=10000";
 
 /// One libpq connection, closed on drop.
 struct Conn(NonNull<pq_sys::PGconn>);
@@ -42,24 +51,40 @@ impl Conn {
             .to_owned()
     }
 
-    /// Runs one statement that returns nothing of interest.
-    fn exec(&self, sql: &str) -> Result<(), String> {
+    /// Runs one statement; returns the first column of its first row, if any.
+    fn exec(&self, sql: &str) -> Result<Option<String>, String> {
         let query = CString::new(sql).map_err(|_| "a statement contains a NUL byte")?;
-        // SAFETY: a live connection and a valid query; the result is cleared once.
+        // SAFETY: a live connection and a valid query; the value is copied before the result
+        // is cleared, once.
         unsafe {
             let res = pq_sys::PQexec(self.0.as_ptr(), query.as_ptr());
             let status = pq_sys::PQresultStatus(res);
+            let value = (status == pq_sys::ExecStatusType::PGRES_TUPLES_OK
+                && pq_sys::PQntuples(res) > 0
+                && pq_sys::PQnfields(res) > 0)
+                .then(|| {
+                    CStr::from_ptr(pq_sys::PQgetvalue(res, 0, 0))
+                        .to_string_lossy()
+                        .into_owned()
+                });
             pq_sys::PQclear(res);
             match status {
                 pq_sys::ExecStatusType::PGRES_COMMAND_OK
-                | pq_sys::ExecStatusType::PGRES_TUPLES_OK => Ok(()),
+                | pq_sys::ExecStatusType::PGRES_TUPLES_OK => Ok(value),
                 _ => Err(self.error()),
             }
         }
     }
 
-    /// Connects, runs `hold` (the node's liveness lock) and subscribes to the channel.
-    fn open(url: &str, hold: &str) -> Result<Conn, String> {
+    /// Tries to take the node's liveness lock (`hold` answers `t` or `f`).
+    fn try_hold(&self, hold: &str) -> Result<bool, String> {
+        Ok(self.exec(hold)?.as_deref() == Some("t"))
+    }
+
+    /// Connects and subscribes to the channel.
+    fn open(url: &str) -> Result<Conn, String> {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{sep}{CONN_OPTIONS}");
         let info = CString::new(url).map_err(|_| "the database URL contains a NUL byte")?;
         // SAFETY: `info` is a valid C string; a null result means out of memory.
         let raw = unsafe { pq_sys::PQconnectdb(info.as_ptr()) };
@@ -73,27 +98,53 @@ impl Conn {
         if unsafe { pq_sys::PQstatus(conn.0.as_ptr()) } != pq_sys::ConnStatusType::CONNECTION_OK {
             return Err(conn.error());
         }
-        conn.exec(hold)?;
         conn.exec(&format!("LISTEN {CHANNEL}"))?;
         Ok(conn)
     }
 
     /// Waits for signals until the connection fails or `stop` is set; hands each to `deliver`.
-    fn serve(&self, stop: &AtomicBool, deliver: &(dyn Fn(Signal) + Send)) -> Result<(), String> {
+    /// Until `held`, it keeps trying to take the liveness lock `hold`.
+    fn serve(
+        &self,
+        stop: &AtomicBool,
+        hold: &str,
+        mut held: bool,
+        deliver: &(dyn Fn(Signal) + Send),
+    ) -> Result<(), String> {
         let conn = self.0.as_ptr();
         // SAFETY: a live connection.
         let fd = unsafe { pq_sys::PQsocket(conn) };
         if fd < 0 {
             return Err("the connection has no socket".into());
         }
+        let mut probed = Instant::now();
+        // Statements before this loop may have read signals into libpq's buffer already.
+        let mut drain_first = true;
         while !stop.load(Ordering::Relaxed) {
+            let mut wait_ms = if std::mem::take(&mut drain_first) {
+                0
+            } else {
+                POLL_MS
+            };
+            if probed.elapsed() >= PROBE_EVERY {
+                // Signals that arrived during the probe are already read into libpq's buffer:
+                // look at them without waiting on the socket.
+                wait_ms = 0;
+                probed = Instant::now();
+                if held {
+                    self.exec("SELECT 1")?;
+                } else if self.try_hold(hold)? {
+                    log::info!("cluster listener holds the node's liveness lock again");
+                    held = true;
+                }
+            }
             let mut pfd = libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
             };
             // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
+            let n = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -161,7 +212,22 @@ pub fn start(
     // The listener's session also holds the node's liveness lock: it lives exactly as long as
     // the node (or until the connection is lost, when it is taken again on reconnecting).
     let hold = super::cluster::liveness_lock_sql(node);
-    let first = Conn::open(url, &hold)?;
+    let first = Conn::open(url)?;
+    let waited = Instant::now();
+    let mut told = None::<Instant>;
+    while !first.try_hold(&hold)? {
+        if waited.elapsed() > LOCK_WAIT_AT_START {
+            return Err(format!(
+                "node id {node} is in use: another live node holds it (or PostgreSQL has not yet \
+                 dropped this node's previous connection)"
+            ));
+        }
+        if told.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            told = Some(Instant::now());
+            log::warn!("waiting for node id {node}'s liveness lock (held by another connection)");
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let url = url.to_owned();
@@ -170,13 +236,16 @@ pub fn start(
         .spawn(move || {
             let mut conn = Some(first);
             while !flag.load(Ordering::Relaxed) {
-                let c = match conn.take() {
-                    Some(c) => c,
-                    None => match Conn::open(&url, &hold) {
+                let (c, held) = match conn.take() {
+                    Some(c) => (c, true),
+                    // Listening first; the lock may still be held by the lost connection's
+                    // backend until the database notices, so it is retried while serving.
+                    None => match Conn::open(&url) {
                         Ok(c) => {
                             log::info!("listening for cluster signals again");
                             resumed();
-                            c
+                            let held = c.try_hold(&hold).unwrap_or(false);
+                            (c, held)
                         }
                         Err(e) => {
                             log::warn!("cannot reconnect the cluster listener: {e}");
@@ -185,7 +254,7 @@ pub fn start(
                         }
                     },
                 };
-                if let Err(e) = c.serve(&flag, &deliver) {
+                if let Err(e) = c.serve(&flag, &hold, held, &deliver) {
                     log::warn!("cluster listener lost its connection: {e}");
                     thread::sleep(RECONNECT_PAUSE);
                 }

@@ -62,6 +62,7 @@ diesel::table! {
         node_id -> Text,
         started_at -> BigInt,
         lease_expires_at -> BigInt,
+        lease_ms -> BigInt,
     }
 }
 

@@ -82,35 +82,15 @@ pub fn bearer(req: &HttpRequest) -> Option<String> {
 }
 
 /// Resolves a presented secret to a principal, or `401`. An address that presented too many
-/// wrong credentials lately is answered `429` (with `Retry-After`) until its allowance refills,
-/// whatever it presents.
+/// wrong credentials lately is answered `429` (with `Retry-After`) for any credential that would
+/// need a database look-up, until its allowance refills; the admin token and credentials already
+/// known (cached) still pass, so clients sharing the address (a NAT) are not locked out by a
+/// guesser. A request without a credential is a plain `401` and does not count.
 pub async fn authenticate(
     state: &AppState,
     ip: Option<IpAddr>,
     secret: Option<String>,
 ) -> Result<Principal, ApiError> {
-    let limiter = &state.limits.auth_failures;
-    if let Some(ip) = ip {
-        if let Err(wait) = limiter.peek(ip) {
-            return Err(ApiError::too_many(
-                "too_many_failed_attempts",
-                "too many requests with a wrong credential from this address; retry later",
-                retry_after_secs(wait),
-            ));
-        }
-    }
-    let presented = secret.is_some();
-    let result = resolve(state, secret).await;
-    if let (Err(e), Some(ip)) = (&result, ip) {
-        if presented && e.status() == actix_web::http::StatusCode::UNAUTHORIZED {
-            limiter.record(ip);
-        }
-    }
-    result
-}
-
-/// Resolves a presented secret to a principal, or `401`.
-async fn resolve(state: &AppState, secret: Option<String>) -> Result<Principal, ApiError> {
     let secret = secret.filter(|s| !s.is_empty() && s.len() <= MAX_SECRET_CHARS);
     let Some(secret) = secret else {
         return Err(ApiError::unauthorized());
@@ -122,10 +102,31 @@ async fn resolve(state: &AppState, secret: Option<String>) -> Result<Principal, 
     if let Some(known) = state.auth_cache.get(&hash) {
         return Ok(known);
     }
+    let limiter = &state.limits.auth_failures;
+    if let Some(ip) = ip {
+        if let Err(wait) = limiter.peek(ip) {
+            return Err(ApiError::too_many(
+                "too_many_failed_attempts",
+                "too many requests with a wrong credential from this address; retry later",
+                retry_after_secs(wait),
+            ));
+        }
+    }
+    let result = look_up(state, &secret, hash).await;
+    if let (Err(e), Some(ip)) = (&result, ip) {
+        if e.status() == actix_web::http::StatusCode::UNAUTHORIZED {
+            limiter.record(ip);
+        }
+    }
+    result
+}
+
+/// Resolves a secret that is neither the admin token nor cached, from the database.
+async fn look_up(state: &AppState, secret: &str, hash: String) -> Result<Principal, ApiError> {
     let generation = state.auth_cache.generation();
     let deadline = state.db.deadline();
     let key = hash.clone();
-    let found = match SecretKind::of(&secret) {
+    let found = match SecretKind::of(secret) {
         Some(SecretKind::ServiceKey) => state
             .db
             .read(deadline, move |c| {
@@ -192,6 +193,13 @@ impl AuthCache {
             entries.clear();
         }
         entries.insert(hash, (principal, Instant::now()));
+    }
+
+    /// Forgets every cached credential (a revocation may have been missed).
+    pub fn forget_all(&self) {
+        let mut entries = self.entries();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        entries.clear();
     }
 
     /// Forgets every credential of this service key or device (called after its revocation

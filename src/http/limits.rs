@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use actix_web::HttpRequest;
 
-/// Addresses tracked before refilled buckets are swept out.
+/// Addresses tracked before refilled buckets are first swept out; after a sweep, the next one
+/// comes when the map has doubled again, so sweeping costs O(1) per address on average.
 const SWEEP_AT: usize = 10_000;
 
 #[derive(Clone, Copy)]
@@ -23,7 +24,25 @@ struct Bucket {
 pub struct RateLimiter {
     per_second: f64,
     burst: f64,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Default)]
+struct Buckets {
+    map: HashMap<IpAddr, Bucket>,
+    sweep_at: usize,
+}
+
+/// The key an address is limited under: IPv4 (also when mapped into IPv6) as it is, IPv6 by
+/// its /64 — one host can take any address of its /64, so finer keys would not limit it.
+fn key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
 }
 
 impl RateLimiter {
@@ -58,16 +77,21 @@ impl RateLimiter {
         if !self.enabled() {
             return Ok(());
         }
+        let ip = key(ip);
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= SWEEP_AT && !buckets.contains_key(&ip) {
-            buckets.retain(|_, b| self.refilled(*b, now).tokens < self.burst);
+        let mut guard = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let buckets = &mut *guard;
+        if buckets.map.len() >= buckets.sweep_at.max(SWEEP_AT) && !buckets.map.contains_key(&ip) {
+            buckets
+                .map
+                .retain(|_, b| self.refilled(*b, now).tokens < self.burst);
+            buckets.sweep_at = buckets.map.len() * 2;
         }
         let full = Bucket {
             tokens: self.burst,
             at: now,
         };
-        let bucket = buckets.entry(ip).or_insert(full);
+        let bucket = buckets.map.entry(ip).or_insert(full);
         *bucket = self.refilled(*bucket, now);
         if let Some(wait) = self.wait(*bucket) {
             return Err(wait);
@@ -98,7 +122,7 @@ impl RateLimiter {
 /// that proxy appended to `X-Forwarded-For` (the right-most entry; the ones before it were
 /// written by the client and prove nothing).
 pub fn client_ip(req: &HttpRequest, trusted_proxies: &[IpAddr]) -> Option<IpAddr> {
-    let peer = req.peer_addr()?.ip();
+    let peer = req.peer_addr()?.ip().to_canonical();
     if !trusted_proxies.contains(&peer) {
         return Some(peer);
     }
@@ -174,6 +198,22 @@ mod tests {
         let wait = limiter.peek(ip).unwrap_err();
         assert!(wait > Duration::from_secs(100));
         assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+    }
+
+    #[test]
+    fn ipv6_is_limited_by_its_64_and_mapped_ipv4_as_ipv4() {
+        let limiter = RateLimiter::new(0.001, 1);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        limiter.acquire(a).unwrap();
+        assert!(limiter.acquire(b).is_err(), "the same /64");
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        limiter.acquire(v4).unwrap();
+        assert!(
+            limiter.acquire(mapped).is_err(),
+            "a mapped address is the same"
+        );
     }
 
     #[test]

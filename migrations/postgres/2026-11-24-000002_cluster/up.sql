@@ -6,7 +6,8 @@
 CREATE TABLE nodes (
     node_id           TEXT PRIMARY KEY NOT NULL,
     started_at        BIGINT NOT NULL,
-    lease_expires_at  BIGINT NOT NULL
+    lease_expires_at  BIGINT NOT NULL,
+    lease_ms          BIGINT NOT NULL
 );
 
 -- Who is online, cluster-wide: one row per device with a live session, on the node holding it.

@@ -4,7 +4,8 @@
 CREATE TABLE nodes (
     node_id           TEXT PRIMARY KEY NOT NULL,
     started_at        BIGINT NOT NULL,
-    lease_expires_at  BIGINT NOT NULL
+    lease_expires_at  BIGINT NOT NULL,
+    lease_ms          BIGINT NOT NULL
 );
 
 CREATE TABLE presence (
