@@ -22,6 +22,9 @@ use crate::report::{instant_at, now_ns, pace, round, Lat, Statuses};
 /// What every Herald scenario needs.
 pub struct Ctx {
     pub target: SocketAddr,
+    /// Where `deliver` posts its notifications (`--post-target`; else `target`): another node
+    /// of the same cluster for cross-node delivery.
+    pub post_target: SocketAddr,
     pub admin_token: String,
     pub sources: Arc<Sources>,
     pub server_pid: Option<u32>,
@@ -36,6 +39,11 @@ pub struct Ctx {
 impl Ctx {
     pub fn http(&self) -> HttpConn {
         HttpConn::new(self.target, self.sources.pick(), self.http_timeout)
+    }
+
+    /// A connection to the node that takes the posts.
+    pub fn http_post(&self) -> HttpConn {
+        HttpConn::new(self.post_target, self.sources.pick(), self.http_timeout)
     }
 
     fn ws_config(&self) -> WebSocketConfig {
@@ -161,9 +169,20 @@ pub async fn create_devices(
     Ok((all.into_iter().map(|d| d.expect("created")).collect(), secs))
 }
 
-/// `GET /v1/stats` (admin), or `null` when it fails.
+/// `GET /v1/stats` (admin) of the devices' node, or `null` when it fails.
 pub async fn server_stats(ctx: &Ctx) -> Value {
-    let mut c = ctx.http();
+    stats_of(ctx, ctx.http()).await
+}
+
+/// `GET /v1/stats` of the node that takes the posts, when it is another one.
+async fn post_node_stats(ctx: &Ctx) -> Value {
+    if ctx.post_target == ctx.target {
+        return Value::Null;
+    }
+    stats_of(ctx, ctx.http_post()).await
+}
+
+async fn stats_of(ctx: &Ctx, mut c: HttpConn) -> Value {
     match call(&mut c, "GET", "/v1/stats", &ctx.admin_token, None).await {
         Ok((200, v)) => v,
         Ok((s, v)) => json!({"error": format!("HTTP {s}: {v}")}),
@@ -216,6 +235,14 @@ pub(crate) enum Ev {
     Closed { code: Option<u16> },
     /// From now on, latencies of offline devices count as replay, from this time.
     ReplayStart(u64),
+    /// How many of these (seq, device) pairs have not been received yet: the accepted posts,
+    /// targets per post, and the devices not to wait for (offline or never connected).
+    Missing {
+        accepted: Arc<Vec<u64>>,
+        k: usize,
+        skip: Arc<Vec<bool>>,
+        reply: oneshot::Sender<u64>,
+    },
     /// The collector is done: hand over what it gathered.
     Finish(oneshot::Sender<Collector>),
 }
@@ -404,6 +431,20 @@ impl Collector {
                         None => "no_close_frame".into(),
                     }),
                     Ev::ReplayStart(ns) => self.replay_start = Some(ns),
+                    Ev::Missing {
+                        accepted,
+                        k,
+                        skip,
+                        reply,
+                    } => {
+                        let m = self.got.len();
+                        let missing = accepted
+                            .iter()
+                            .flat_map(|&s| targets_of(s, k, m).map(move |d| (s, d)))
+                            .filter(|&(s, d)| !skip[d] && !self.got[d].contains(&s))
+                            .count();
+                        let _ = reply.send(missing as u64);
+                    }
                     Ev::Finish(reply) => {
                         let _ = reply.send(self);
                         return;
@@ -532,6 +573,8 @@ pub struct DeliverOpts {
     /// Replay only: the fraction of devices offline while posting.
     pub offline_fraction: f64,
     pub replay_timeout: f64,
+    /// Start posting at this UNIX time (seconds), to line up several processes.
+    pub start_at: Option<u64>,
 }
 
 struct Job {
@@ -583,7 +626,7 @@ async fn poster(
     window: (u64, u64),
     hard_end: u64,
 ) -> PosterOut {
-    let mut conn = ctx.http();
+    let mut conn = ctx.http_post();
     let mut out = PosterOut::default();
     loop {
         let job = { jobs.lock().await.recv().await };
@@ -751,7 +794,10 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
     );
 
     // Posting plan.
-    let t0 = now_ns() + 300_000_000;
+    let t0 = (now_ns() + 300_000_000).max(o.start_at.unwrap_or(0) * 1_000_000_000);
+    if o.start_at.is_some_and(|at| at * 1_000_000_000 < now_ns()) {
+        eprintln!("warning: --start-at has passed; posting starts now");
+    }
     let dur_ns = (o.duration * 1e9) as u64;
     let window = (t0 + (o.warmup * 1e9) as u64, t0 + dur_ns);
     window_cell.0.store(window.0, Ordering::Relaxed);
@@ -763,10 +809,12 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
         let ctx = ctx.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(instant_at(window.0).into()).await;
+            let pa = post_node_stats(&ctx).await;
             let a = (ctx.server_sample(), server_stats(&ctx).await, now_ns());
             tokio::time::sleep_until(instant_at(window.1).into()).await;
+            let pb = post_node_stats(&ctx).await;
             let b = (ctx.server_sample(), server_stats(&ctx).await, now_ns());
-            (a, b)
+            (a, b, (pa, pb))
         })
     };
     let client_cpu_before = net::cpu_seconds(std::process::id());
@@ -815,7 +863,8 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
     }
     let posting_done = now_ns();
     let client_cpu_after = net::cpu_seconds(std::process::id());
-    let ((srv_a, stats_a, ta), (srv_b, stats_b, tb)) = sampler.await.map_err(|e| e.to_string())?;
+    let ((srv_a, stats_a, ta), (srv_b, stats_b, tb), (post_a, post_b)) =
+        sampler.await.map_err(|e| e.to_string())?;
     let window_s = (tb - ta) as f64 / 1e9;
 
     // Drain: wait until every accepted post reached every online target.
@@ -824,8 +873,24 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
         .iter()
         .map(|&s| targets_of(s, k, m).filter(|&d| !offline[d]).count() as u64)
         .sum();
+    // The count alone is not enough: a post answered 503 (deadline) may still have been
+    // committed and delivered, so receipts can add up before every accepted one arrived.
     let drain_until = Instant::now() + Duration::from_secs_f64(o.drain);
-    while unique.load(Ordering::Relaxed) < expected_online && Instant::now() < drain_until {
+    let accepted_arc = Arc::new(out.accepted.clone());
+    let skip: Arc<Vec<bool>> = Arc::new((0..m).map(|d| offline[d] || !conn_ok[d]).collect());
+    while Instant::now() < drain_until {
+        if unique.load(Ordering::Relaxed) >= expected_online {
+            let (reply, rx) = oneshot::channel();
+            let _ = tx.send(Ev::Missing {
+                accepted: accepted_arc.clone(),
+                k,
+                skip: skip.clone(),
+                reply,
+            });
+            if rx.await.unwrap_or(0) == 0 {
+                break;
+            }
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drained_after = (now_ns() - posting_done) as f64 / 1e9;
@@ -863,6 +928,12 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
     let c = finish(&tx).await;
 
     // Lost and delivered counts per accepted post and target.
+    let accepted_set: HashSet<u64> = out.accepted.iter().copied().collect();
+    let received_not_accepted: u64 = c
+        .got
+        .iter()
+        .map(|g| g.iter().filter(|s| !accepted_set.contains(s)).count() as u64)
+        .sum();
     let mut lost_online = 0u64;
     let mut lost_offline = 0u64;
     let mut lost_unconnected = 0u64;
@@ -949,10 +1020,12 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
         "server_delivered_per_s": delta_rate(&stats_a, &stats_b, &["notifications", "delivered"], window_s),
         "server_acked_per_s": delta_rate(&stats_a, &stats_b, &["notifications", "acked"], window_s),
         "server_write_transactions_per_s": delta_rate(&stats_a, &stats_b, &["writes", "transactions"], window_s),
+        "post_node_accepted_per_s": delta_rate(&post_a, &post_b, &["notifications", "accepted"], window_s),
     });
     let report = json!({
         "scenario": if replay { "replay" } else { "deliver" },
         "target": ctx.target.to_string(),
+        "post_target": ctx.post_target.to_string(),
         "params": {
             "devices": m, "rate_per_s": o.rate, "duration_s": o.duration, "warmup_s": o.warmup,
             "targets_per_post": k, "http_connections": o.http_conns, "offline_devices": n_offline,
@@ -965,6 +1038,7 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
             "handshake": conn_lat.summary(),
         },
         "window_s": round(window_s, 3),
+        "window_unix_ns": [window.0, window.1],
         "rates": rates,
         "http_status": out.statuses.json(),
         "posts": {
@@ -974,8 +1048,8 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
             "http_connections_opened": out.connects,
             "http_retries": out.retries,
         },
-        "post_answer": out.answer.summary(),
-        "e2e_delivery": c.e2e.summary(),
+        "post_answer": out.answer.summary_with_buckets(),
+        "e2e_delivery": c.e2e.summary_with_buckets(),
         "post_answer_incl_warmup": out.answer_all.summary(),
         "e2e_delivery_incl_warmup": c.e2e_all.summary(),
         "deliveries": {
@@ -986,6 +1060,7 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
             "lost": lost,
             "undelivered_to_devices_that_failed_to_connect": lost_unconnected,
             "duplicates": c.dups,
+            "received_of_posts_not_answered_202": received_not_accepted,
             "stale_from_other_runs": c.stale,
             "drained_after_s": round(drained_after, 3),
             "sessions_closed_by_server": c.closed.json(),

@@ -47,6 +47,12 @@ struct Cli {
     )]
     target: String,
 
+    /// Where `deliver` sends its posts, if not to `--target`: another node of the same
+    /// PostgreSQL cluster, so every delivery crosses nodes (127.0.0.0/8 only). Devices, stats,
+    /// RSS and CPU stay those of `--target`.
+    #[arg(long, global = true)]
+    post_target: Option<String>,
+
     /// The admin token of that server (creates this run's service key).
     #[arg(
         long,
@@ -123,6 +129,13 @@ enum Command {
         #[arg(long, default_value_t = 60.0)]
         replay_timeout: f64,
     },
+    /// Adds up the JSON reports of several `deliver` processes of one run (rates, counts,
+    /// merged latency histograms); needs no server.
+    Sum {
+        /// The reports (`--out` files) of the processes.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+    },
     /// Scenario 3: posts to one user with many devices; time until the last device has it.
     Fanout {
         /// Devices of the one user.
@@ -180,6 +193,9 @@ struct DeliverArgs {
     /// Page size of those presence queries.
     #[arg(long, default_value_t = 1000)]
     presence_limit: usize,
+    /// Start posting at this UNIX time (seconds), to line up several processes (see `sum`).
+    #[arg(long)]
+    start_at: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -263,6 +279,7 @@ fn deliver_opts(d: &DeliverArgs) -> DeliverOpts {
         presence_limit: d.presence_limit,
         offline_fraction: 0.0,
         replay_timeout: 0.0,
+        start_at: d.start_at,
     }
 }
 
@@ -389,6 +406,10 @@ async fn run(cli: Cli) -> Result<Value, String> {
     let load_start = loadavg();
     let nofile = net::raise_nofile_limit();
     let target = net::loopback_target(&cli.target)?;
+    let post_target = match &cli.post_target {
+        Some(t) => net::loopback_target(t)?,
+        None => target,
+    };
     let (shard, shards) = parse_shard(&cli.shard)?;
     let needs_herald = !matches!(cli.command, Command::Mqtt { .. });
     let admin_token = match (&cli.admin_token, needs_herald) {
@@ -402,6 +423,7 @@ async fn run(cli: Cli) -> Result<Value, String> {
     let sources = Arc::new(net::Sources::new(cli.source_addrs.min(252), shard, offset));
     let ctx = Arc::new(Ctx {
         target,
+        post_target,
         admin_token,
         sources: sources.clone(),
         server_pid: cli.server_pid,
@@ -482,6 +504,7 @@ async fn run(cli: Cli) -> Result<Value, String> {
             };
             json!({"scenario": "compare", "herald": h, "mqtt": q, "ratio_acked_per_s": ratio})
         }
+        Command::Sum { .. } => unreachable!("handled in main"),
     };
     if let Value::Object(o) = &mut report {
         o.insert("label".into(), json!(cli.label));
@@ -502,6 +525,24 @@ async fn run(cli: Cli) -> Result<Value, String> {
 fn main() {
     let cli = Cli::parse();
     let out = cli.out.clone();
+    if let Command::Sum { reports } = &cli.command {
+        match report::sum(reports) {
+            Ok(r) => {
+                if let Some(path) = &out {
+                    if let Err(e) = report::write(path, &r) {
+                        eprintln!("herald-bench: cannot write {}: {e}", path.display());
+                        std::process::exit(1);
+                    }
+                }
+                println!("{}", deliver_summary(&r));
+            }
+            Err(e) => {
+                eprintln!("herald-bench: {e}");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

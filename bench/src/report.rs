@@ -74,6 +74,30 @@ impl Lat {
             "max_ms": ms(self.0.max()),
         })
     }
+    /// `summary()` plus `"buckets": [[µs, count], …]` (the histogram's recorded values), so that
+    /// `herald-bench sum` can merge several processes' histograms exactly.
+    pub fn summary_with_buckets(&self) -> Value {
+        let mut v = self.summary();
+        let buckets: Vec<[u64; 2]> = self
+            .0
+            .iter_recorded()
+            .map(|b| [b.value_iterated_to(), b.count_at_value()])
+            .collect();
+        v["buckets"] = json!(buckets);
+        v
+    }
+    /// Adds what `summary_with_buckets` wrote.
+    pub fn add_buckets(&mut self, v: &Value) -> bool {
+        let Some(buckets) = v["buckets"].as_array() else {
+            return false;
+        };
+        for b in buckets {
+            if let (Some(us), Some(n)) = (b[0].as_u64(), b[1].as_u64()) {
+                let _ = self.0.record_n(us.max(1), n);
+            }
+        }
+        true
+    }
 }
 
 /// Answer counts by HTTP status ("202", "503", …, "io_error", "timeout").
@@ -116,4 +140,133 @@ pub async fn pace(sent_ns: u64, lag_max: &mut u64) {
     } else {
         *lag_max = (*lag_max).max(now.saturating_sub(sent_ns));
     }
+}
+
+/// `herald-bench sum`: one report for a run made of several `deliver` processes (lined up with
+/// `--start-at`). Client-side rates and counts are added up; latency histograms are merged
+/// exactly (from their buckets); server-side rates are taken once per distinct node (several
+/// processes may watch the same one).
+pub fn sum(paths: &[std::path::PathBuf]) -> Result<Value, String> {
+    let mut reports = Vec::new();
+    for p in paths {
+        let text =
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+        if !matches!(v["scenario"].as_str(), Some("deliver" | "replay")) {
+            return Err(format!("{} is not a deliver report", p.display()));
+        }
+        reports.push(v);
+    }
+    let add = |path: &[&str]| -> f64 {
+        reports
+            .iter()
+            .map(|r| {
+                let mut cur = r;
+                for k in path {
+                    cur = &cur[*k];
+                }
+                cur.as_f64().unwrap_or(0.0)
+            })
+            .sum()
+    };
+    let mut lat = BTreeMap::new();
+    for key in ["post_answer", "e2e_delivery"] {
+        let mut h = Lat::default();
+        let mut exact = true;
+        for r in &reports {
+            if r[key]["count"].as_u64().unwrap_or(0) > 0 {
+                exact &= h.add_buckets(&r[key]);
+            }
+        }
+        let mut s = h.summary();
+        if !exact {
+            s["note"] = json!("some reports had no buckets: incomplete");
+        }
+        lat.insert(key, s);
+    }
+    let mut statuses = Statuses::default();
+    let mut closed = Statuses::default();
+    for r in &reports {
+        for (src, dst) in [
+            (&r["http_status"], &mut statuses),
+            (&r["deliveries"]["sessions_closed_by_server"], &mut closed),
+        ] {
+            if let Some(o) = src.as_object() {
+                for (k, v) in o {
+                    *dst.0.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+                }
+            }
+        }
+    }
+    // Server figures once per node watched.
+    let mut nodes = BTreeMap::new();
+    for r in &reports {
+        let t = r["target"].as_str().unwrap_or("?").to_owned();
+        nodes.entry(t).or_insert_with(|| {
+            json!({
+                "accepted_per_s": r["rates"]["server_accepted_per_s"],
+                "delivered_per_s": r["rates"]["server_delivered_per_s"],
+                "acked_per_s": r["rates"]["server_acked_per_s"],
+                "cpu_cores_used": r["server"]["cpu_cores_used"],
+                "rss_kib_window_end": r["server"]["rss_kib_window_end"],
+                "stats_after": r["server"]["stats_after"],
+            })
+        });
+    }
+    let node_sum = |k: &str| -> f64 { nodes.values().map(|n| n[k].as_f64().unwrap_or(0.0)).sum() };
+    let starts: Vec<u64> = reports
+        .iter()
+        .filter_map(|r| r["window_unix_ns"][0].as_u64())
+        .collect();
+    let skew_ms = match (starts.iter().min(), starts.iter().max()) {
+        (Some(a), Some(b)) => Some(round((b - a) as f64 / 1e6, 3)),
+        _ => None,
+    };
+    let windows: Vec<Value> = reports.iter().map(|r| r["window_s"].clone()).collect();
+    let pairs: Vec<Value> = reports
+        .iter()
+        .map(|r| json!({"devices_at": r["target"], "posts_to": r["post_target"], "label": r["label"]}))
+        .collect();
+    Ok(json!({
+        "scenario": "deliver-sum",
+        "label": format!("{} processes", reports.len()),
+        "processes": pairs,
+        "window_s": windows,
+        "window_start_skew_ms": skew_ms,
+        "params": {
+            "devices": add(&["params", "devices"]) as u64,
+            "rate_per_s": add(&["params", "rate_per_s"]),
+        },
+        "setup": {"connected": add(&["setup", "connected"]) as u64},
+        "rates": {
+            "posts_accepted_per_s": round(add(&["rates", "posts_accepted_per_s"]), 1),
+            "deliveries_per_s": round(add(&["rates", "deliveries_per_s"]), 1),
+            "acks_per_s": round(add(&["rates", "acks_per_s"]), 1),
+            "server_accepted_per_s": round(node_sum("accepted_per_s"), 1),
+            "server_delivered_per_s": round(node_sum("delivered_per_s"), 1),
+            "server_acked_per_s": round(node_sum("acked_per_s"), 1),
+        },
+        "http_status": statuses.json(),
+        "post_answer": lat["post_answer"],
+        "e2e_delivery": lat["e2e_delivery"],
+        "deliveries": {
+            "expected_online": add(&["deliveries", "expected_online"]) as u64,
+            "received_unique": add(&["deliveries", "received_unique"]) as u64,
+            "lost": add(&["deliveries", "lost"]) as u64,
+            "undelivered_to_devices_that_failed_to_connect":
+                add(&["deliveries", "undelivered_to_devices_that_failed_to_connect"]) as u64,
+            "duplicates": add(&["deliveries", "duplicates"]) as u64,
+            "received_of_posts_not_answered_202":
+                add(&["deliveries", "received_of_posts_not_answered_202"]) as u64,
+            "stale_from_other_runs": add(&["deliveries", "stale_from_other_runs"]) as u64,
+            "sessions_closed_by_server": closed.json(),
+        },
+        "server": {
+            "nodes": nodes,
+            "cpu_cores_used": round(node_sum("cpu_cores_used"), 3),
+            // All watched nodes' CPU over all the deliveries they made.
+            "cpu_us_per_delivery": (node_sum("delivered_per_s") > 0.0).then(|| round(
+                node_sum("cpu_cores_used") / node_sum("delivered_per_s") * 1e6, 1)),
+        },
+    }))
 }
