@@ -15,6 +15,7 @@ use actix_web::{web, App, HttpServer};
 
 use crate::actors::committer::Committer;
 use crate::actors::db::Db;
+use crate::actors::messages::SetCommitter;
 use crate::actors::node::NodeKeeper;
 use crate::actors::presence::Presence;
 use crate::actors::purger::Purger;
@@ -151,6 +152,7 @@ impl Application {
                 let committer = Committer::new(db.clone(), presence.clone(), counters.clone())
                     .in_cluster(node.clone(), run, router)
                     .start();
+                presence.do_send(SetCommitter(committer.clone()));
                 NodeKeeper::new(
                     node.clone(),
                     lease,
@@ -197,7 +199,6 @@ impl Application {
                     args.auth_failure_burst_per_ip,
                 ),
                 trusted_proxies: args.trusted_proxies.clone(),
-                max_sessions_per_user: args.max_sessions_per_user,
             }),
         });
         // A peer that stops acknowledging what it was sent (gone, or a zero receive window) is

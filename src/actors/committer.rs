@@ -101,14 +101,7 @@ pub struct Committer {
     cluster: Option<ClusterLink>,
     /// Sessions waiting for their presence row to be written (in `next`).
     online_waiters: Vec<oneshot::Sender<bool>>,
-    /// Sessions lately gone offline, so a re-assertion of their row that raced their end is
-    /// dropped (bounded: the oldest are forgotten).
-    gone: std::collections::HashSet<String>,
-    gone_order: std::collections::VecDeque<String>,
 }
-
-/// Ended sessions remembered against late re-assertions.
-const GONE_KEPT: usize = 50_000;
 
 /// How the Committer takes part in a cluster: its batches carry the node's id and a number,
 /// and their notifications go to the Router, which publishes them in the cluster's commit order.
@@ -138,8 +131,6 @@ impl Committer {
             flush_queued: false,
             cluster: None,
             online_waiters: Vec::new(),
-            gone: Default::default(),
-            gone_order: Default::default(),
         }
     }
 
@@ -595,19 +586,6 @@ impl Handler<AfterWrites> for Committer {
     }
 }
 
-impl Committer {
-    fn remember_gone(&mut self, session_id: &str) {
-        if self.gone.insert(session_id.to_owned()) {
-            self.gone_order.push_back(session_id.to_owned());
-            if self.gone_order.len() > GONE_KEPT {
-                if let Some(old) = self.gone_order.pop_front() {
-                    self.gone.remove(&old);
-                }
-            }
-        }
-    }
-}
-
 impl Handler<PresenceUpdate> for Committer {
     type Result = ();
 
@@ -618,13 +596,6 @@ impl Handler<PresenceUpdate> for Committer {
                 let _ = reply.send(true);
             }
             return;
-        }
-        match &msg.change {
-            PresenceChange::Offline { session_id, .. } => self.remember_gone(session_id),
-            PresenceChange::Reassert { session_id, .. } if self.gone.contains(session_id) => {
-                return;
-            }
-            _ => {}
         }
         self.next.presence.push(msg.change);
         if let Some(reply) = msg.written {

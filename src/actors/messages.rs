@@ -49,6 +49,9 @@ pub struct Register {
     pub connected_at: i64,
     pub addr: Addr<Session>,
     pub max_per_user: usize,
+    /// One node of several: answered once the session's presence row is committed (Presence
+    /// hands the row to the Committer, so rows are written in registration order).
+    pub row_written: Option<tokio::sync::oneshot::Sender<bool>>,
 }
 
 /// HTTP → Presence: whether a new session of this device would stay within the user's limit of
@@ -67,7 +70,15 @@ pub struct CanConnect {
 pub struct Unregister {
     pub session_id: String,
     pub device_id: String,
+    /// One node of several: answered once the session's presence row is gone (at once if a
+    /// newer session, a revocation or a shutdown has taken the row already).
+    pub row_gone: Option<tokio::sync::oneshot::Sender<bool>>,
 }
+
+/// Startup → Presence: the Committer that writes the cluster's presence rows.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetCommitter(pub Addr<super::committer::Committer>);
 
 /// Committer → Presence: notifications just committed, in creation order, with their targets.
 /// Answers how many live sessions each one was handed to.

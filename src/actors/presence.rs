@@ -9,6 +9,7 @@ use std::ops::Bound;
 
 use actix::prelude::*;
 
+use super::committer::Committer;
 use super::db::{Db, JobError};
 use super::messages::*;
 use super::session::Session;
@@ -34,6 +35,9 @@ pub struct Presence {
     /// Set when this node is one of several: who is online is then answered from the cluster's
     /// presence table, which every node writes.
     cluster: Option<Db>,
+    /// The Committer that writes this node's presence rows, in the order Presence saw the
+    /// registrations and ends (so a replaced session's late row cannot win).
+    committer: Option<Addr<Committer>>,
 }
 
 impl Actor for Presence {
@@ -102,6 +106,18 @@ impl Handler<Register> for Presence {
         if !self.within_limit(&msg.user_id, &msg.device_id, msg.max_per_user) {
             return false;
         }
+        if let (Some(committer), Some(written)) = (&self.committer, msg.row_written) {
+            committer.do_send(PresenceUpdate {
+                change: PresenceChange::Online {
+                    device_id: msg.device_id.clone(),
+                    user_id: msg.user_id.clone(),
+                    name: msg.name.clone(),
+                    session_id: msg.session_id.clone(),
+                    connected_at: msg.connected_at,
+                },
+                written: Some(written),
+            });
+        }
         if let Some(old) = self.forget(&msg.device_id) {
             log::info!(
                 "device {} session {} replaced by session {}",
@@ -140,8 +156,24 @@ impl Handler<Unregister> for Presence {
             .devices
             .get(&msg.device_id)
             .map(|o| o.session_id == msg.session_id);
-        if current == Some(true) {
-            self.forget(&msg.device_id);
+        if current != Some(true) {
+            // A newer session, a revocation or a shutdown has taken the device (and its row).
+            if let Some(gone) = msg.row_gone {
+                let _ = gone.send(true);
+            }
+            return;
+        }
+        self.forget(&msg.device_id);
+        if let Some(committer) = &self.committer {
+            committer.do_send(PresenceUpdate {
+                change: PresenceChange::Offline {
+                    device_id: msg.device_id,
+                    session_id: msg.session_id,
+                },
+                written: msg.row_gone,
+            });
+        } else if let Some(gone) = msg.row_gone {
+            let _ = gone.send(true);
         }
     }
 }
@@ -323,6 +355,14 @@ impl Handler<CatchUp> for Presence {
         for online in self.devices.values() {
             online.addr.do_send(msg);
         }
+    }
+}
+
+impl Handler<SetCommitter> for Presence {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetCommitter, _: &mut Context<Self>) {
+        self.committer = Some(msg.0);
     }
 }
 

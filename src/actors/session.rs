@@ -25,7 +25,6 @@ use super::db::{Db, JobError};
 use super::messages::*;
 use super::presence::Presence;
 use super::socket::{FrameStream, SharedOutbox};
-use crate::db::cluster::PresenceChange;
 use crate::db::queries;
 use crate::domain::{new_id, now_ms};
 use crate::metrics::Metrics;
@@ -194,6 +193,12 @@ impl Actor for Session {
         self.deps.metrics.connects.inc();
         self.deps.metrics.sessions_open.inc();
         self.start_heartbeat(ctx);
+        let (row_written, row_done) = if self.config.cluster {
+            let (written, done) = tokio::sync::oneshot::channel();
+            (Some(written), Some(done))
+        } else {
+            (None, None)
+        };
         let register = Register {
             session_id: self.id.clone(),
             device_id: self.device.device_id.clone(),
@@ -202,6 +207,7 @@ impl Actor for Session {
             connected_at: self.connected_at,
             addr: ctx.address(),
             max_per_user: self.config.max_sessions_per_user,
+            row_written,
         };
         // `wait` pauses this session (and only it) until Presence has registered it, so `hello`
         // is the first frame and a post made after `hello` is routed here.
@@ -214,8 +220,10 @@ impl Actor for Session {
                 Ok(Ok(false)) => {
                     act.end(ctx, close::POLICY, "too many sessions for this user");
                 }
-                Ok(Ok(true)) if act.config.cluster => act.write_presence(ctx),
-                Ok(Ok(true)) => act.greet(ctx),
+                Ok(Ok(true)) => match row_done {
+                    Some(written) => act.await_presence_row(ctx, written),
+                    None => act.greet(ctx),
+                },
                 _ => {
                     log::error!("session {}: presence did not register it", act.id);
                     act.end(ctx, close::TRY_AGAIN_LATER, "server busy");
@@ -264,22 +272,15 @@ impl Session {
         self.replay_page(ctx);
     }
 
-    /// One node of several: the session's presence row is committed (replacing — and kicking —
-    /// a session of the device on another node) before `hello`, so every node sees the device
-    /// online once it is greeted.
-    fn write_presence(&mut self, ctx: &mut Context<Self>) {
-        let (written, done) = tokio::sync::oneshot::channel();
-        self.deps.committer.do_send(PresenceUpdate {
-            change: PresenceChange::Online {
-                device_id: self.device.device_id.clone(),
-                user_id: self.device.user_id.clone(),
-                name: self.device.name.clone(),
-                session_id: self.id.clone(),
-                connected_at: self.connected_at,
-            },
-            written: Some(written),
-        });
-        async move { tokio::time::timeout(PRESENCE_WRITE_TIMEOUT, done).await }
+    /// One node of several: `hello` waits until the session's presence row (handed to the
+    /// Committer by Presence at registration) is committed — replacing, and kicking, a session of
+    /// the device on another node — so every node sees the device online once it is greeted.
+    fn await_presence_row(
+        &mut self,
+        ctx: &mut Context<Self>,
+        written: tokio::sync::oneshot::Receiver<bool>,
+    ) {
+        async move { tokio::time::timeout(PRESENCE_WRITE_TIMEOUT, written).await }
             .into_actor(self)
             .map(|res, act, ctx| match res {
                 Ok(Ok(true)) => act.greet(ctx),
@@ -297,21 +298,16 @@ impl Session {
             return;
         }
         self.flush_delivered();
+        let row_gone = self.config.cluster.then(|| {
+            let (gone, done) = tokio::sync::oneshot::channel();
+            self.offline_written = Some(done);
+            gone
+        });
         self.deps.presence.do_send(Unregister {
             session_id: self.id.clone(),
             device_id: self.device.device_id.clone(),
+            row_gone,
         });
-        if self.config.cluster {
-            let (written, done) = tokio::sync::oneshot::channel();
-            self.deps.committer.do_send(PresenceUpdate {
-                change: PresenceChange::Offline {
-                    device_id: self.device.device_id.clone(),
-                    session_id: self.id.clone(),
-                },
-                written: Some(written),
-            });
-            self.offline_written = Some(done);
-        }
         self.deps.committer.do_send(RecordSeen {
             device_id: self.device.device_id.clone(),
             at: now_ms(),

@@ -276,21 +276,10 @@ pub fn apply_presence(
         match change {
             PresenceChange::Online {
                 device_id,
-                user_id,
-                name,
                 session_id,
-                connected_at,
+                ..
             } => {
-                let inserted = insert_presence(
-                    conn,
-                    node,
-                    device_id,
-                    user_id,
-                    name,
-                    session_id,
-                    *connected_at,
-                )?;
-                if inserted {
+                if write_presence(conn, node, change, "DO NOTHING")? {
                     continue;
                 }
                 // The device has a row: take it over (a concurrent first insert has committed
@@ -301,17 +290,14 @@ pub fn apply_presence(
                 .bind::<Text, _>(device_id)
                 .get_result(pg(conn)?)
                 .optional()?;
-                sql_query(
-                    "UPDATE presence SET user_id = $2, name = $3, node_id = $4, session_id = $5, \
-                     connected_at = $6 WHERE device_id = $1",
-                )
-                .bind::<Text, _>(device_id)
-                .bind::<Text, _>(user_id)
-                .bind::<Text, _>(name)
-                .bind::<Text, _>(node)
-                .bind::<Text, _>(session_id)
-                .bind::<BigInt, _>(connected_at)
-                .execute(pg(conn)?)?;
+                write_presence(
+                    conn,
+                    node,
+                    change,
+                    "DO UPDATE SET user_id = excluded.user_id, name = excluded.name, \
+                     node_id = excluded.node_id, session_id = excluded.session_id, \
+                     connected_at = excluded.connected_at",
+                )?;
                 if let Some(old) =
                     holder.filter(|h| h.session_id != *session_id && h.node_id != node)
                 {
@@ -325,22 +311,8 @@ pub fn apply_presence(
                     )?;
                 }
             }
-            PresenceChange::Reassert {
-                device_id,
-                user_id,
-                name,
-                session_id,
-                connected_at,
-            } => {
-                insert_presence(
-                    conn,
-                    node,
-                    device_id,
-                    user_id,
-                    name,
-                    session_id,
-                    *connected_at,
-                )?;
+            PresenceChange::Reassert { .. } => {
+                write_presence(conn, node, change, "DO NOTHING")?;
             }
             PresenceChange::Offline {
                 device_id,
@@ -356,20 +328,35 @@ pub fn apply_presence(
     Ok(())
 }
 
-/// Inserts a presence row unless the device has one; true if it inserted.
-fn insert_presence(
+/// Writes the presence row of an `Online` or `Reassert` change, `on_conflict` deciding what
+/// happens when the device has one already; true if a row was written.
+fn write_presence(
     conn: &mut DbConn,
     node: &str,
-    device_id: &str,
-    user_id: &str,
-    name: &str,
-    session_id: &str,
-    connected_at: i64,
+    change: &PresenceChange,
+    on_conflict: &str,
 ) -> QueryResult<bool> {
-    let n = sql_query(
+    let (PresenceChange::Online {
+        device_id,
+        user_id,
+        name,
+        session_id,
+        connected_at,
+    }
+    | PresenceChange::Reassert {
+        device_id,
+        user_id,
+        name,
+        session_id,
+        connected_at,
+    }) = change
+    else {
+        return Ok(false);
+    };
+    let n = sql_query(format!(
         "INSERT INTO presence (device_id, user_id, name, node_id, session_id, connected_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id) DO NOTHING",
-    )
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id) {on_conflict}"
+    ))
     .bind::<Text, _>(device_id)
     .bind::<Text, _>(user_id)
     .bind::<Text, _>(name)

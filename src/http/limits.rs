@@ -142,8 +142,6 @@ pub struct Limits {
     pub connects: RateLimiter,
     pub auth_failures: RateLimiter,
     pub trusted_proxies: Vec<IpAddr>,
-    /// Live sessions one user may hold (0: no limit).
-    pub max_sessions_per_user: usize,
 }
 
 impl Limits {
@@ -153,7 +151,6 @@ impl Limits {
             connects: RateLimiter::new(0.0, 1),
             auth_failures: RateLimiter::new(0.0, 1),
             trusted_proxies: Vec::new(),
-            max_sessions_per_user: 0,
         }
     }
 }

@@ -45,7 +45,7 @@ pub struct AppState {
     pub session: SessionConfig,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
-    /// Per-address rate limits and the per-user session limit.
+    /// Per-address rate limits.
     pub limits: Arc<limits::Limits>,
 }
 

@@ -41,7 +41,7 @@ pub async fn upgrade(
         Principal::Device(d) => d,
         _ => return Err(ApiError::forbidden()),
     };
-    let max_per_user = state.limits.max_sessions_per_user;
+    let max_per_user = state.session.max_sessions_per_user;
     if max_per_user > 0 {
         let allowed = state
             .presence
