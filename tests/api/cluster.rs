@@ -1203,7 +1203,18 @@ async fn revocation_on_one_node_holds_on_every_node_at_once() {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let revoked = Instant::now();
+    assert_eq!(
+        on_a.closed("revoked on B").await,
+        Some(4001),
+        "the session on A is closed as revoked"
+    );
+    println!(
+        "cluster f: device revoked on B → its session on A closed with 4001 after {:.1} ms",
+        ms(revoked.elapsed())
+    );
     // The revoking node refuses at once; the others once the revocation's signal reaches them.
+    // (Probed after the 4001: a connection A accepted before the signal would replace the
+    // session on A with 4002.)
     for n in [1, 0, 2] {
         let started = Instant::now();
         loop {
@@ -1224,15 +1235,6 @@ async fn revocation_on_one_node_holds_on_every_node_at_once() {
     }
     println!(
         "cluster f: the revoked device token refused on every node {:.1} ms after the 204",
-        ms(revoked.elapsed())
-    );
-    assert_eq!(
-        on_a.closed("revoked on B").await,
-        Some(4001),
-        "the session on A is closed as revoked"
-    );
-    println!(
-        "cluster f: device revoked on B → its session on A closed with 4001 after {:.1} ms",
         ms(revoked.elapsed())
     );
     for app in &c.apps {

@@ -405,12 +405,20 @@ impl TestApp {
 
     /// Opens a WebSocket; `Err(status)` when the upgrade is refused.
     pub async fn connect_raw(&self, token: &str) -> Result<WsClient, u16> {
+        connect_request(self.socket_addr(), self.ws_request(token)).await
+    }
+
+    /// The upgrade request for `GET /v1/ws` with a bearer token.
+    pub fn ws_request(
+        &self,
+        token: &str,
+    ) -> tokio_tungstenite::tungstenite::handshake::client::Request {
         let mut req = format!("ws://127.0.0.1:{}/v1/ws", self.port)
             .into_client_request()
             .unwrap();
         req.headers_mut()
             .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-        connect_request(self.socket_addr(), req).await
+        req
     }
 }
 
@@ -421,8 +429,18 @@ pub async fn connect_request(
 ) -> Result<WsClient, u16> {
     let tcp = TcpStream::connect(addr).await.expect("TCP connect");
     tcp.set_nodelay(true).unwrap();
+    handshake(tcp, req, 16 * 1024).await
+}
+
+/// The WebSocket handshake over a TCP stream the caller opened (from a chosen address, with a
+/// chosen receive buffer, …); `Err(status)` when the upgrade is refused.
+pub async fn handshake(
+    tcp: TcpStream,
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    read_buffer: usize,
+) -> Result<WsClient, u16> {
     let config = WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(0);
     match tokio_tungstenite::client_async_with_config(req, MaybeTlsStream::Plain(tcp), Some(config))
         .await

@@ -11,10 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::MaybeTlsStream;
 
 use crate::both_backends;
 use crate::helpers::*;
@@ -33,26 +30,10 @@ async fn tcp_from(local: IpAddr, to: SocketAddr, rcvbuf: Option<usize>) -> TcpSt
     TcpStream::from_std(socket.into()).unwrap()
 }
 
-/// A WebSocket for `token` over `tcp`; `Err(status)` if the upgrade is refused.
+/// A WebSocket for `token` over `tcp` (small client buffers, so a client that stops reading
+/// fills up quickly); `Err(status)` if the upgrade is refused.
 async fn ws_over(app: &TestApp, tcp: TcpStream, token: &str) -> Result<WsClient, u16> {
-    let mut req = format!("ws://127.0.0.1:{}/v1/ws", app.port)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0);
-    match tokio_tungstenite::client_async_with_config(req, MaybeTlsStream::Plain(tcp), Some(config))
-        .await
-    {
-        Ok((stream, _)) => Ok(WsClient {
-            stream,
-            hello: Value::Null,
-        }),
-        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => Err(res.status().as_u16()),
-        Err(e) => panic!("WebSocket connect failed: {e}"),
-    }
+    handshake(tcp, app.ws_request(token), 4 * 1024).await
 }
 
 /// One HTTP/1.1 request from `local`, raw; returns the status and the whole answer.
