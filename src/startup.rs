@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use actix_web::dev::Server;
+use actix_http::HttpService;
+use actix_server::Server;
+use actix_service::{IntoServiceFactory, ServiceFactoryExt};
 use actix_web::dev::Service;
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App};
 
 use crate::actors::committer::Committer;
 use crate::actors::db::Db;
@@ -21,6 +23,7 @@ use crate::actors::presence::Presence;
 use crate::actors::purger::Purger;
 use crate::actors::router::{Heard, ListenerResumed, Router};
 use crate::actors::session::SessionConfig;
+use crate::actors::socket::OpenSockets;
 use crate::config::ServeArgs;
 use crate::db::listener::Listener;
 use crate::db::DbError;
@@ -64,6 +67,9 @@ pub struct Application {
     server: Server,
     presence: Addr<Presence>,
     committer: Addr<Committer>,
+    sockets: OpenSockets,
+    /// The listening socket (a second handle on it), shut at a stop.
+    http_listener: Arc<TcpListener>,
 }
 
 impl Application {
@@ -173,7 +179,9 @@ impl Application {
             Duration::from_secs(args.retention_seconds),
         )
         .start();
+        let sockets = OpenSockets::default();
         let state = web::Data::new(AppState {
+            sockets: sockets.clone(),
             db,
             presence: presence.clone(),
             committer: committer.clone(),
@@ -206,8 +214,13 @@ impl Application {
         let tcp_user_timeout = (args.heartbeat() * 2).max(Duration::from_secs(5));
 
         let listener = TcpListener::bind(&args.bind)?;
-        let port = listener.local_addr()?.port();
-        let mut server = HttpServer::new(move || {
+        let local = listener.local_addr()?;
+        let port = local.port();
+        let handshake_timeout = Duration::from_millis(args.handshake_timeout_ms.max(1));
+        // Every worker gets two instances of the same App: one for plain requests, one inside
+        // the upgrade service, which runs WebSocket handshakes through it and then takes the
+        // socket away from the HTTP layer (`http::upgrade`).
+        let make_app = move || {
             let metrics = metrics.clone();
             App::new()
                 .wrap_fn(move |req, srv| {
@@ -227,23 +240,45 @@ impl Application {
                 .app_data(state.clone())
                 .app_data(http::query_config())
                 .configure(http::routes)
-        })
-        .on_connect(move |conn, _| {
-            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-                let sock = socket2::SockRef::from(tcp);
-                if let Err(e) = sock.set_tcp_user_timeout(Some(tcp_user_timeout)) {
-                    log::debug!("cannot set TCP_USER_TIMEOUT: {e}");
-                }
-            }
-        })
-        .client_request_timeout(Duration::from_millis(args.handshake_timeout_ms.max(1)))
-        .backlog(LISTEN_BACKLOG)
-        .disable_signals()
-        .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS);
+        };
+        let mut server = actix_server::Server::build()
+            .backlog(LISTEN_BACKLOG)
+            .disable_signals()
+            .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS);
         if let Some(n) = args.workers {
             server = server.workers(n.max(1));
         }
-        let server = server.listen(listener)?.run();
+        // Tells keep-alive connections to close at a graceful stop.
+        let graceful = server.graceful_shutdown_signal();
+        let http_listener = Arc::new(listener.try_clone()?);
+        let server = server
+            .listen("herald-http", listener, move || {
+                let graceful = graceful.clone();
+                let app = actix_service::map_config(
+                    make_app()
+                        .into_factory()
+                        .map_err(|e: actix_web::Error| e.error_response()),
+                    |_| actix_web::dev::AppConfig::default(),
+                );
+                HttpService::build()
+                    .graceful_shutdown_signal(move || {
+                        let signal = graceful.clone();
+                        async move { signal.notified().await }
+                    })
+                    .client_request_timeout(handshake_timeout)
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    .local_addr(local)
+                    .on_connect_ext(move |tcp: &actix_web::rt::net::TcpStream, _| {
+                        let sock = socket2::SockRef::from(tcp);
+                        if let Err(e) = sock.set_tcp_user_timeout(Some(tcp_user_timeout)) {
+                            log::debug!("cannot set TCP_USER_TIMEOUT: {e}");
+                        }
+                    })
+                    .upgrade(http::upgrade::service(make_app()))
+                    .finish(app)
+                    .tcp()
+            })?
+            .run();
         log::info!(
             "herald listening on {} ({} database, pool of {})",
             args.bind.replace(":0", &format!(":{port}")),
@@ -262,6 +297,8 @@ impl Application {
             server,
             presence,
             committer,
+            sockets,
+            http_listener,
         })
     }
 
@@ -276,6 +313,8 @@ impl Application {
             presence: self.presence.clone(),
             committer: self.committer.clone(),
             cluster: self.cluster.clone(),
+            sockets: self.sockets.clone(),
+            listener: self.http_listener.clone(),
         }
     }
 
@@ -403,14 +442,34 @@ pub struct StopHandle {
     presence: Addr<Presence>,
     committer: Addr<Committer>,
     cluster: Option<(Db, String)>,
+    sockets: OpenSockets,
+    listener: Arc<TcpListener>,
 }
 
 impl StopHandle {
     pub async fn stop(&self) {
         use crate::actors::messages::{CloseAll, IsIdle};
-        let stopping = self.server.stop(true);
+        // No new connections or sessions; every session gets its 1001; only once the sockets
+        // the sessions took over have written their close frames are the workers stopped (they
+        // stop as soon as no HTTP request is in flight, and would drop the sessions with them).
+        self.sockets.close();
+        self.server.pause().await;
+        // Refuse new connections at once rather than leave them in the backlog.
+        let _ = socket2::SockRef::from(&*self.listener).shutdown(std::net::Shutdown::Read);
         let closed = self.presence.send(CloseAll).await.unwrap_or(0);
         log::info!("closed {closed} session(s) with 1001");
+        let deadline = std::time::Instant::now() + Duration::from_secs(SHUTDOWN_TIMEOUT_SECS);
+        let mut waited = 0u32;
+        while std::time::Instant::now() < deadline && self.sockets.get() > 0 {
+            actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+            if waited.is_multiple_of(20) {
+                // A session whose handshake was in flight at the first round.
+                let _ = self.presence.send(CloseAll).await;
+            }
+        }
+        // In-flight requests are answered, idle keep-alive connections closed.
+        let stopping = self.server.stop(true);
         let deadline = std::time::Instant::now() + Duration::from_secs(SHUTDOWN_TIMEOUT_SECS);
         while std::time::Instant::now() < deadline
             && !self.committer.send(IsIdle).await.unwrap_or(true)

@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason, Frame, Item as WsItem, Message, ProtocolError};
-use actix_web::body::BodyStream;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::rt::net::TcpStream;
+use actix_web::{HttpRequest, HttpResponse};
 
 use super::committer::Committer;
 use super::db::{Db, JobError};
 use super::messages::*;
 use super::presence::Presence;
-use super::socket::{FrameStream, SharedOutbox};
+use super::socket::{self, Handover, OpenSockets, SharedOutbox};
 use crate::db::queries;
 use crate::domain::{new_id, now_ms};
 use crate::metrics::Metrics;
@@ -88,6 +88,8 @@ pub struct SessionDeps {
     pub committer: Addr<Committer>,
     pub db: Db,
     pub metrics: Arc<Metrics>,
+    /// Sockets whose writer is still running, node-wide.
+    pub sockets: OpenSockets,
 }
 
 enum Phase {
@@ -133,51 +135,57 @@ pub struct Session {
     offline_written: Option<tokio::sync::oneshot::Receiver<bool>>,
 }
 
-/// Answers the upgrade and starts a session on it.
+/// Answers the upgrade: a `101` that carries, as a [`Handover`], what to run on the socket once
+/// the upgrade service (see `startup`) has written it.
 pub fn start(
     req: &HttpRequest,
-    payload: web::Payload,
     device: DeviceIdentity,
     config: SessionConfig,
     deps: SessionDeps,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let mut res = actix_http::ws::handshake(req.head())?;
-    let out = SharedOutbox::default();
-    let frames = FrameStream::new(
-        payload,
-        config.max_frame_bytes,
-        config.max_frames_per_second,
-    );
-    let body = out.body();
-    Session::create(move |ctx| {
-        ctx.add_stream(frames);
-        Session {
-            id: new_id(),
-            device,
-            config,
-            deps,
-            phase: Phase::Replaying {
-                held: Vec::new(),
-                held_bytes: 0,
-                overflowed: false,
-            },
-            last_seq: 0,
-            last_heard: Instant::now(),
-            connected_at: now_ms(),
-            bad_frames: 0,
-            bad_window_start: Instant::now(),
-            partial: None,
-            replay_failures: 0,
-            left: false,
-            close_reason: "connection ended",
-            close_code: 1006,
-            unreported: Vec::new(),
-            out,
-            stalled_since: None,
-            offline_written: None,
-        }
-    });
-    Ok(res.body(BodyStream::new(body)).map_into_boxed_body().into())
+    let mut res: HttpResponse = actix_http::ws::handshake(req.head())?
+        .finish()
+        .map_into_boxed_body()
+        .into();
+    let handover = move |stream: TcpStream, leftover: &[u8]| {
+        let (out, frames) = socket::take_over(
+            stream,
+            leftover,
+            config.max_frame_bytes,
+            config.max_frames_per_second,
+            &deps.sockets,
+        );
+        Session::create(move |ctx| {
+            ctx.add_stream(frames);
+            Session {
+                id: new_id(),
+                device,
+                config,
+                deps,
+                phase: Phase::Replaying {
+                    held: Vec::new(),
+                    held_bytes: 0,
+                    overflowed: false,
+                },
+                last_seq: 0,
+                last_heard: Instant::now(),
+                connected_at: now_ms(),
+                bad_frames: 0,
+                bad_window_start: Instant::now(),
+                partial: None,
+                replay_failures: 0,
+                left: false,
+                close_reason: "connection ended",
+                close_code: 1006,
+                unreported: Vec::new(),
+                out,
+                stalled_since: None,
+                offline_written: None,
+            }
+        });
+    };
+    res.extensions_mut().insert(Handover(Box::new(handover)));
+    Ok(res)
 }
 
 impl Actor for Session {
@@ -408,7 +416,7 @@ impl Session {
                 log::info!("session {}: no heartbeat for two intervals", act.id);
                 act.end(ctx, close::NORMAL, "heartbeat timeout");
             } else {
-                act.send(Message::Ping(web::Bytes::new()));
+                act.send(Message::Ping(actix_web::web::Bytes::new()));
             }
         });
     }

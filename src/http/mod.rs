@@ -11,6 +11,7 @@ mod openapi;
 mod ops;
 mod presence;
 mod service_keys;
+pub mod upgrade;
 mod ws;
 
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub struct AppState {
     pub counters: Arc<Counters>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub session: SessionConfig,
+    /// Sockets taken over by sessions whose writer is still running.
+    pub sockets: crate::actors::socket::OpenSockets,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// Per-address rate limits.

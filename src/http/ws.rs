@@ -1,12 +1,13 @@
 //! `GET /v1/ws`: authenticates a device before the upgrade, then hands the socket to a Session.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 
 use super::auth::{authenticate, bearer};
 use super::limits::{client_ip, retry_after_secs};
 use super::{AppState, Principal};
 use crate::actors::messages::CanConnect;
 use crate::actors::session::{self, SessionDeps};
+use crate::actors::socket::UpgradeRequest;
 use crate::error::ApiError;
 
 /// The device token from `Authorization: Bearer`, or from `?token=` for browsers (which cannot
@@ -25,7 +26,6 @@ fn device_secret(req: &HttpRequest) -> Option<String> {
 pub async fn upgrade(
     state: web::Data<AppState>,
     req: HttpRequest,
-    stream: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let ip = client_ip(&req, &state.limits.trusted_proxies);
     if let Some(ip) = ip {
@@ -67,8 +67,23 @@ pub async fn upgrade(
         committer: state.committer.clone(),
         db: state.db.clone(),
         metrics: state.metrics.clone(),
+        sockets: state.sockets.clone(),
     };
-    session::start(&req, stream, device, state.session.clone(), deps).map_err(|e| {
+    if state.sockets.closing() {
+        return Err(ApiError::unavailable(
+            "shutting_down",
+            "this node is shutting down; reconnect",
+        ));
+    }
+    if req.extensions().get::<UpgradeRequest>().is_none() {
+        // A handshake the HTTP layer did not route to the upgrade service (one with a chunked
+        // body, say) has no socket to hand over.
+        return Err(ApiError::bad_request(
+            "not_a_websocket",
+            "WebSocket handshake failed: not an upgrade request",
+        ));
+    }
+    session::start(&req, device, state.session.clone(), deps).map_err(|e| {
         ApiError::bad_request(
             "not_a_websocket",
             format!("WebSocket handshake failed: {e}"),
