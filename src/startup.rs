@@ -68,8 +68,6 @@ pub struct Application {
     presence: Addr<Presence>,
     committer: Addr<Committer>,
     sockets: OpenSockets,
-    /// The listening socket (a second handle on it), shut at a stop.
-    http_listener: Arc<TcpListener>,
 }
 
 impl Application {
@@ -250,7 +248,6 @@ impl Application {
         }
         // Tells keep-alive connections to close at a graceful stop.
         let graceful = server.graceful_shutdown_signal();
-        let http_listener = Arc::new(listener.try_clone()?);
         let server = server
             .listen("herald-http", listener, move || {
                 let graceful = graceful.clone();
@@ -298,7 +295,6 @@ impl Application {
             presence,
             committer,
             sockets,
-            http_listener,
         })
     }
 
@@ -314,7 +310,6 @@ impl Application {
             committer: self.committer.clone(),
             cluster: self.cluster.clone(),
             sockets: self.sockets.clone(),
-            listener: self.http_listener.clone(),
         }
     }
 
@@ -443,19 +438,18 @@ pub struct StopHandle {
     committer: Addr<Committer>,
     cluster: Option<(Db, String)>,
     sockets: OpenSockets,
-    listener: Arc<TcpListener>,
 }
 
 impl StopHandle {
     pub async fn stop(&self) {
         use crate::actors::messages::{CloseAll, IsIdle};
-        // No new connections or sessions; every session gets its 1001; only once the sockets
-        // the sessions took over have written their close frames are the workers stopped (they
-        // stop as soon as no HTTP request is in flight, and would drop the sessions with them).
+        // No new connections (those already in the listen backlog wait for the stop: a few
+        // milliseconds, unless a device is slow to take its close frame) and no new sessions;
+        // every session gets its 1001. Only once the sockets the sessions took over have
+        // written their close frames are the workers stopped (a worker stops as soon as no HTTP
+        // request is in flight, and would drop its sessions with it).
         self.sockets.close();
         self.server.pause().await;
-        // Refuse new connections at once rather than leave them in the backlog.
-        let _ = socket2::SockRef::from(&*self.listener).shutdown(std::net::Shutdown::Read);
         let closed = self.presence.send(CloseAll).await.unwrap_or(0);
         log::info!("closed {closed} session(s) with 1001");
         let deadline = std::time::Instant::now() + Duration::from_secs(SHUTDOWN_TIMEOUT_SECS);

@@ -22,11 +22,6 @@ fn unacked() -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
     diesel::dsl::sql("deliveries.state < 2")
 }
 
-/// `deliveries.state = 0`.
-fn pending() -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
-    diesel::dsl::sql("deliveries.state = 0")
-}
-
 #[derive(Debug, Clone, Queryable, Insertable)]
 #[diesel(table_name = service_keys)]
 pub struct ServiceKeyRow {
@@ -74,6 +69,21 @@ pub struct NewNotificationRow<'a> {
     pub idempotency_key: Option<&'a str>,
     pub request_hash: Option<&'a str>,
     pub device_count: i32,
+}
+
+/// A created notification's id and `seq` (SQLite's `RETURNING`).
+#[derive(QueryableByName)]
+struct IdSeq {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    id: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    seq: i64,
+}
+
+/// Rows as one JSON array of arrays, for a SQLite statement that reads them with `json_each`:
+/// one statement of fixed text per batch instead of one per row.
+fn json_rows<T: serde::Serialize>(rows: &[T]) -> String {
+    serde_json::to_string(rows).expect("rows of strings and numbers serialize")
 }
 
 #[derive(Debug, Clone, Queryable)]
@@ -212,14 +222,6 @@ pub fn devices_of_users(
         .load(conn)
 }
 
-/// Records when each device was last seen.
-pub fn touch_last_seen(conn: &mut DbConn, device_id: &str, at: i64) -> QueryResult<()> {
-    diesel::update(devices::table.filter(devices::id.eq(device_id)))
-        .set(devices::last_seen.eq(at))
-        .execute(conn)
-        .map(drop)
-}
-
 // ---- notifications --------------------------------------------------------------------------
 
 /// The notification a poster made earlier with this idempotency key.
@@ -253,15 +255,35 @@ pub fn insert_notifications(
                 seqs.extend(chunk.iter().map(|r| by_id[r.id]));
             }
         }
-        DbConn::Sqlite(_) => {
-            for row in rows {
-                seqs.push(
-                    diesel::insert_into(notifications::table)
-                        .values(row)
-                        .returning(notifications::seq)
-                        .get_result(conn)?,
-                );
-            }
+        // One statement for the batch; rows are inserted in array order, so `seq` follows it.
+        DbConn::Sqlite(c) => {
+            let values: Vec<_> = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.id,
+                        r.poster,
+                        r.created_at,
+                        r.expires_at,
+                        r.payload,
+                        r.idempotency_key,
+                        r.request_hash,
+                        r.device_count,
+                    )
+                })
+                .collect();
+            let created: Vec<IdSeq> = diesel::sql_query(
+                "INSERT INTO notifications \
+                 (id, poster, created_at, expires_at, payload, idempotency_key, request_hash, \
+                 device_count) \
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, \
+                 value->>6, value->>7 FROM json_each(?1) ORDER BY key \
+                 RETURNING id, seq",
+            )
+            .bind::<diesel::sql_types::Text, _>(json_rows(&values))
+            .load(c)?;
+            let by_id: HashMap<String, i64> = created.into_iter().map(|r| (r.id, r.seq)).collect();
+            seqs.extend(rows.iter().map(|r| by_id[r.id]));
         }
     }
     Ok(seqs)
@@ -277,14 +299,15 @@ pub fn insert_deliveries(conn: &mut DbConn, rows: &[(&str, i64)]) -> QueryResult
         )
     };
     match conn {
-        // A multi-row INSERT's text changes with its row count, so SQLite would parse it anew
-        // every batch; one cached single-row statement per row is cheaper in-process.
-        DbConn::Sqlite(_) => {
-            for r in rows {
-                diesel::insert_into(deliveries::table)
-                    .values(row(r))
-                    .execute(conn)?;
-            }
+        // One statement of fixed text for the whole batch (diesel prepares every INSERT and
+        // UPDATE anew, so a statement per row costs a parse per row).
+        DbConn::Sqlite(c) => {
+            diesel::sql_query(
+                "INSERT INTO deliveries (device_id, notification_seq, state) \
+                 SELECT value->>0, value->>1, 0 FROM json_each(?1)",
+            )
+            .bind::<diesel::sql_types::Text, _>(json_rows(rows))
+            .execute(c)?;
         }
         // A round trip per statement: one multi-row INSERT per 10,000 rows (3 parameters a row,
         // far below PostgreSQL's 65,535).
@@ -363,77 +386,6 @@ pub fn pending_for_device(
         .load(conn)
 }
 
-/// Marks these notifications as written to the device's socket (pending ones only).
-///
-/// On SQLite each row is its own (cached, prepared-once) statement: an `IN (…)` list of varying
-/// length would be prepared anew every time. PostgreSQL binds the list as one array parameter.
-pub fn mark_delivered(
-    conn: &mut DbConn,
-    device_id: &str,
-    seqs: &[i64],
-    at: i64,
-) -> QueryResult<usize> {
-    let set = (
-        deliveries::state.eq(STATE_DELIVERED),
-        deliveries::delivered_at.eq(at),
-    );
-    let mine = deliveries::table
-        .filter(deliveries::device_id.eq(device_id))
-        .filter(pending());
-    match conn {
-        DbConn::Sqlite(_) => {
-            let mut n = 0;
-            for seq in seqs {
-                n += diesel::update(mine.clone().filter(deliveries::notification_seq.eq(seq)))
-                    .set(set)
-                    .execute(conn)?;
-            }
-            Ok(n)
-        }
-        DbConn::Pg(_) => diesel::update(mine.filter(deliveries::notification_seq.eq_any(seqs)))
-            .set(set)
-            .execute(conn),
-    }
-}
-
-/// Acks the device's own deliveries of these notification ids; other ids are ignored.
-pub fn ack(conn: &mut DbConn, device_id: &str, ids: &[String], at: i64) -> QueryResult<usize> {
-    let set = (
-        deliveries::state.eq(STATE_ACKED),
-        deliveries::acked_at.eq(at),
-    );
-    let mine = deliveries::table
-        .filter(deliveries::device_id.eq(device_id))
-        .filter(unacked());
-    let seq_of = |id| {
-        notifications::table
-            .filter(notifications::id.eq(id))
-            .select(notifications::seq)
-    };
-    match conn {
-        DbConn::Sqlite(_) => {
-            let mut n = 0;
-            for id in ids {
-                let target = mine.clone().filter(
-                    deliveries::notification_seq
-                        .nullable()
-                        .eq(seq_of(id.as_str()).single_value()),
-                );
-                n += diesel::update(target).set(set).execute(conn)?;
-            }
-            Ok(n)
-        }
-        DbConn::Pg(_) => {
-            let seqs = notifications::table
-                .filter(notifications::id.eq_any(ids))
-                .select(notifications::seq);
-            diesel::update(mine.filter(deliveries::notification_seq.eq_any(seqs)))
-                .set(set)
-                .execute(conn)
-        }
-    }
-}
-
 // ---- whole batches ---------------------------------------------------------------------------
 //
 // On PostgreSQL every statement is a network round trip, so a batch's marks, acks and last-seen
@@ -467,12 +419,20 @@ pub fn mark_delivered_all(
             .bind::<Array<BigInt>, _>(seqs)
             .execute(c)
         }
-        DbConn::Sqlite(_) => {
-            let mut n = 0;
-            for (device_id, seqs) in marks {
-                n += mark_delivered(conn, device_id, seqs, at)?;
-            }
-            Ok(n)
+        DbConn::Sqlite(c) => {
+            let pairs: Vec<(&str, i64)> = marks
+                .iter()
+                .flat_map(|(d, seqs)| seqs.iter().map(move |s| (d.as_str(), *s)))
+                .collect();
+            diesel::sql_query(
+                "UPDATE deliveries SET state = 1, delivered_at = ?1 \
+                 FROM (SELECT value->>0 AS device_id, value->>1 AS seq FROM json_each(?2)) AS m \
+                 WHERE deliveries.device_id = m.device_id AND deliveries.notification_seq = m.seq \
+                 AND deliveries.state = 0",
+            )
+            .bind::<BigInt, _>(at)
+            .bind::<Text, _>(json_rows(&pairs))
+            .execute(c)
         }
     }
 }
@@ -501,12 +461,21 @@ pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> Qu
             .bind::<Array<Text>, _>(ids)
             .execute(c)
         }
-        DbConn::Sqlite(_) => {
-            let mut n = 0;
-            for (device_id, ids) in acks {
-                n += ack(conn, device_id, ids, at)?;
-            }
-            Ok(n)
+        DbConn::Sqlite(c) => {
+            let pairs: Vec<(&str, &str)> = acks
+                .iter()
+                .flat_map(|(d, ids)| ids.iter().map(move |i| (d.as_str(), i.as_str())))
+                .collect();
+            diesel::sql_query(
+                "UPDATE deliveries SET state = 2, acked_at = ?1 \
+                 FROM (SELECT value->>0 AS device_id, value->>1 AS id FROM json_each(?2)) AS a \
+                 JOIN notifications n ON n.id = a.id \
+                 WHERE deliveries.device_id = a.device_id AND deliveries.notification_seq = n.seq \
+                 AND deliveries.state < 2",
+            )
+            .bind::<BigInt, _>(at)
+            .bind::<Text, _>(json_rows(&pairs))
+            .execute(c)
         }
     }
 }
@@ -531,12 +500,14 @@ pub fn touch_last_seen_all(conn: &mut DbConn, seen: &[(String, i64)]) -> QueryRe
             .execute(c)
             .map(drop)
         }
-        DbConn::Sqlite(_) => {
-            for (device_id, at) in seen {
-                touch_last_seen(conn, device_id, *at)?;
-            }
-            Ok(())
-        }
+        DbConn::Sqlite(c) => diesel::sql_query(
+            "UPDATE devices SET last_seen = s.at \
+             FROM (SELECT value->>0 AS id, max(value->>1) AS at FROM json_each(?1) GROUP BY 1) AS s \
+             WHERE devices.id = s.id",
+        )
+        .bind::<Text, _>(json_rows(seen))
+        .execute(c)
+        .map(drop),
     }
 }
 
