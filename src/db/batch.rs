@@ -187,8 +187,12 @@ pub fn commit(conn: &mut DbConn, batch: &WriteBatch, now: i64) -> QueryResult<Ba
             cluster::apply_presence(c, &tag.node, &batch.presence)?;
             count_online(c, &mut result.posts)?;
         }
-        result.delivered = queries::mark_delivered_all(c, &batch.delivered, now)? as u64;
-        result.acked = queries::ack_all(c, &batch.acks, now)? as u64;
+        // Acks first: an ack also sets `delivered_at` when no mark was written yet, so a mark
+        // gathered in the same batch as its ack finds nothing left to change (no row write).
+        let acked = queries::ack_all(c, &batch.acks, now)?;
+        let marked = queries::mark_delivered_all(c, &batch.delivered, now)?;
+        result.acked = acked.acked as u64;
+        result.delivered = (marked + acked.delivered) as u64;
         queries::touch_last_seen_all(c, &batch.seen)?;
         for (seq, n) in &batch.delivered_now {
             queries::set_delivered_now(c, *seq, *n)?;

@@ -437,47 +437,80 @@ pub fn mark_delivered_all(
     }
 }
 
-/// Acks many devices' notifications by id; returns the rows changed.
-pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> QueryResult<usize> {
+/// What a batch's acks changed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Acked {
+    /// Deliveries acked.
+    pub acked: usize,
+    /// Of those, deliveries whose mark had not been written yet: the ack stands for it too
+    /// (`delivered_at` = the ack's time), so they count as delivered now.
+    pub delivered: usize,
+}
+
+/// Acks many devices' notifications by id; other devices' deliveries and unknown ids are ignored.
+/// Two statements: pending deliveries (which become delivered and acked at once), then delivered
+/// ones, so the caller learns how many deliveries this made delivered as well.
+pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> QueryResult<Acked> {
     use diesel::sql_types::{Array, BigInt, Text};
     if acks.is_empty() {
-        return Ok(0);
+        return Ok(Acked::default());
     }
+    let mut done = Acked::default();
     match conn {
         DbConn::Pg(c) => {
             let (devices, ids): (Vec<&str>, Vec<&str>) = acks
                 .iter()
                 .flat_map(|(d, ids)| ids.iter().map(move |i| (d.as_str(), i.as_str())))
                 .unzip();
-            diesel::sql_query(
-                "UPDATE deliveries SET state = 2, acked_at = $1 \
-                 FROM unnest($2::text[], $3::text[]) AS a(device_id, id) \
-                 JOIN notifications n ON n.id = a.id \
-                 WHERE deliveries.device_id = a.device_id AND deliveries.notification_seq = n.seq \
-                 AND deliveries.state < 2",
-            )
-            .bind::<BigInt, _>(at)
-            .bind::<Array<Text>, _>(devices)
-            .bind::<Array<Text>, _>(ids)
-            .execute(c)
+            for (from, set_delivered) in [
+                (STATE_PENDING, ", delivered_at = $1"),
+                (STATE_DELIVERED, ""),
+            ] {
+                let n = diesel::sql_query(format!(
+                    "UPDATE deliveries SET state = 2, acked_at = $1{set_delivered} \
+                     FROM unnest($2::text[], $3::text[]) AS a(device_id, id) \
+                     JOIN notifications n ON n.id = a.id \
+                     WHERE deliveries.device_id = a.device_id \
+                     AND deliveries.notification_seq = n.seq AND deliveries.state = {from}",
+                ))
+                .bind::<BigInt, _>(at)
+                .bind::<Array<Text>, _>(&devices)
+                .bind::<Array<Text>, _>(&ids)
+                .execute(c)?;
+                done.acked += n;
+                if from == STATE_PENDING {
+                    done.delivered = n;
+                }
+            }
         }
         DbConn::Sqlite(c) => {
             let pairs: Vec<(&str, &str)> = acks
                 .iter()
                 .flat_map(|(d, ids)| ids.iter().map(move |i| (d.as_str(), i.as_str())))
                 .collect();
-            diesel::sql_query(
-                "UPDATE deliveries SET state = 2, acked_at = ?1 \
-                 FROM (SELECT value->>0 AS device_id, value->>1 AS id FROM json_each(?2)) AS a \
-                 JOIN notifications n ON n.id = a.id \
-                 WHERE deliveries.device_id = a.device_id AND deliveries.notification_seq = n.seq \
-                 AND deliveries.state < 2",
-            )
-            .bind::<BigInt, _>(at)
-            .bind::<Text, _>(json_rows(&pairs))
-            .execute(c)
+            let pairs = json_rows(&pairs);
+            for (from, set_delivered) in [
+                (STATE_PENDING, ", delivered_at = ?1"),
+                (STATE_DELIVERED, ""),
+            ] {
+                let n = diesel::sql_query(format!(
+                    "UPDATE deliveries SET state = 2, acked_at = ?1{set_delivered} \
+                     FROM (SELECT value->>0 AS device_id, value->>1 AS id FROM json_each(?2)) AS a \
+                     JOIN notifications n ON n.id = a.id \
+                     WHERE deliveries.device_id = a.device_id \
+                     AND deliveries.notification_seq = n.seq AND deliveries.state = {from}",
+                ))
+                .bind::<BigInt, _>(at)
+                .bind::<Text, _>(&pairs)
+                .execute(c)?;
+                done.acked += n;
+                if from == STATE_PENDING {
+                    done.delivered = n;
+                }
+            }
         }
     }
+    Ok(done)
 }
 
 /// Records many devices' last-seen times (the latest given for each device wins).

@@ -1,6 +1,7 @@
 //! Herald's integration suite: one binary, a file per feature. Every test starts a real node on
 //! a random port with its own database and drives it with real HTTP and WebSocket clients, once
-//! on SQLite and once on PostgreSQL.
+//! on SQLite and once on PostgreSQL (`writes.rs` alone drives the database layer directly: the
+//! writer's batch statements).
 
 mod helpers;
 
@@ -22,3 +23,4 @@ mod process;
 mod protocol;
 mod regression;
 mod sessions;
+mod writes;
