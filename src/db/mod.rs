@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod cluster;
+mod fixed;
 pub mod listener;
 pub mod queries;
 pub mod schema;

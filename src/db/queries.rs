@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use diesel::prelude::*;
 
+use super::fixed::{fixed_sql, Fixed};
 use super::schema::{deliveries, devices, notifications, service_keys};
 use super::DbConn;
 
@@ -80,10 +81,75 @@ struct IdSeq {
     seq: i64,
 }
 
-/// Rows as one JSON array of arrays, for a SQLite statement that reads them with `json_each`:
-/// one statement of fixed text per batch instead of one per row.
-fn json_rows<T: serde::Serialize>(rows: &[T]) -> String {
-    serde_json::to_string(rows).expect("rows of strings and numbers serialize")
+fixed_sql! {
+    /// Rows `[id, poster, created_at, expires_at, payload, idempotency_key, request_hash,
+    /// device_count]`, inserted in array order (so `seq` follows it).
+    InsertNotifications = concat!(
+        "INSERT INTO notifications (id, poster, created_at, expires_at, payload, ",
+        "idempotency_key, request_hash, device_count) ",
+        "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, ",
+        "value->>7 FROM json_each(?) ORDER BY key RETURNING id, seq"
+    );
+    /// Rows `[device_id, notification_seq]`.
+    InsertDeliveries = concat!(
+        "INSERT INTO deliveries (device_id, notification_seq, state) ",
+        "SELECT value->>0, value->>1, 0 FROM json_each(?)"
+    );
+    /// Rows `[device_id, notification_seq]`; pending ones become delivered at the batch's time.
+    MarkDelivered = concat!(
+        "UPDATE deliveries SET state = 1, delivered_at = ? ",
+        "FROM (SELECT value->>0 AS device_id, value->>1 AS seq FROM json_each(?)) AS m ",
+        "WHERE deliveries.device_id = m.device_id AND deliveries.notification_seq = m.seq ",
+        "AND deliveries.state = 0"
+    );
+    /// Rows `[device_id, notification id]`; pending ones become delivered and acked.
+    AckPending = concat!(
+        "UPDATE deliveries SET state = 2, acked_at = ?, delivered_at = ? ",
+        "FROM (SELECT value->>0 AS device_id, value->>1 AS id FROM json_each(?)) AS a ",
+        "JOIN notifications n ON n.id = a.id ",
+        "WHERE deliveries.device_id = a.device_id AND deliveries.notification_seq = n.seq ",
+        "AND deliveries.state = 0"
+    );
+    /// Rows `[device_id, notification id]`; delivered ones become acked.
+    AckDelivered = concat!(
+        "UPDATE deliveries SET state = 2, acked_at = ? ",
+        "FROM (SELECT value->>0 AS device_id, value->>1 AS id FROM json_each(?)) AS a ",
+        "JOIN notifications n ON n.id = a.id ",
+        "WHERE deliveries.device_id = a.device_id AND deliveries.notification_seq = n.seq ",
+        "AND deliveries.state = 1"
+    );
+    /// Rows `[device_id, ms]`; the latest time per device wins.
+    TouchLastSeen = concat!(
+        "UPDATE devices SET last_seen = s.at ",
+        "FROM (SELECT value->>0 AS id, max(value->>1) AS at FROM json_each(?) GROUP BY 1) AS s ",
+        "WHERE devices.id = s.id"
+    );
+    /// Rows: device ids; answers the live ones.
+    LiveDevices = concat!(
+        "SELECT id FROM devices WHERE revoked_at IS NULL ",
+        "AND id IN (SELECT value FROM json_each(?))"
+    );
+    /// Rows: user ids; answers their live devices as `(user_id, id)`.
+    DevicesOfUsers = concat!(
+        "SELECT user_id, id FROM devices WHERE revoked_at IS NULL ",
+        "AND user_id IN (SELECT value FROM json_each(?))"
+    );
+}
+
+/// A device id (SQLite's fixed statements).
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    id: String,
+}
+
+/// A device and its user (SQLite's fixed statements).
+#[derive(QueryableByName)]
+struct UserDevice {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    user_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    id: String,
 }
 
 #[derive(Debug, Clone, Queryable)]
@@ -203,11 +269,18 @@ pub fn revoke_device(conn: &mut DbConn, id: &str, now: i64) -> QueryResult<Optio
 
 /// Of these device ids, the ones that name live devices.
 pub fn live_device_ids(conn: &mut DbConn, ids: &[String]) -> QueryResult<Vec<String>> {
-    devices::table
-        .filter(devices::id.eq_any(ids))
-        .filter(devices::revoked_at.is_null())
-        .select(devices::id)
-        .load(conn)
+    match conn {
+        DbConn::Sqlite(c) => Ok(Fixed::<LiveDevices>::new(0, ids)
+            .load::<IdRow>(c)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect()),
+        DbConn::Pg(_) => devices::table
+            .filter(devices::id.eq_any(ids))
+            .filter(devices::revoked_at.is_null())
+            .select(devices::id)
+            .load(conn),
+    }
 }
 
 /// The live devices of these users, as `(user_id, device_id)`.
@@ -215,11 +288,18 @@ pub fn devices_of_users(
     conn: &mut DbConn,
     user_ids: &[String],
 ) -> QueryResult<Vec<(String, String)>> {
-    devices::table
-        .filter(devices::user_id.eq_any(user_ids))
-        .filter(devices::revoked_at.is_null())
-        .select((devices::user_id, devices::id))
-        .load(conn)
+    match conn {
+        DbConn::Sqlite(c) => Ok(Fixed::<DevicesOfUsers>::new(0, user_ids)
+            .load::<UserDevice>(c)?
+            .into_iter()
+            .map(|r| (r.user_id, r.id))
+            .collect()),
+        DbConn::Pg(_) => devices::table
+            .filter(devices::user_id.eq_any(user_ids))
+            .filter(devices::revoked_at.is_null())
+            .select((devices::user_id, devices::id))
+            .load(conn),
+    }
 }
 
 // ---- notifications --------------------------------------------------------------------------
@@ -272,16 +352,7 @@ pub fn insert_notifications(
                     )
                 })
                 .collect();
-            let created: Vec<IdSeq> = diesel::sql_query(
-                "INSERT INTO notifications \
-                 (id, poster, created_at, expires_at, payload, idempotency_key, request_hash, \
-                 device_count) \
-                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, \
-                 value->>6, value->>7 FROM json_each(?1) ORDER BY key \
-                 RETURNING id, seq",
-            )
-            .bind::<diesel::sql_types::Text, _>(json_rows(&values))
-            .load(c)?;
+            let created: Vec<IdSeq> = Fixed::<InsertNotifications>::new(0, &values).load(c)?;
             let by_id: HashMap<String, i64> = created.into_iter().map(|r| (r.id, r.seq)).collect();
             seqs.extend(rows.iter().map(|r| by_id[r.id]));
         }
@@ -302,12 +373,7 @@ pub fn insert_deliveries(conn: &mut DbConn, rows: &[(&str, i64)]) -> QueryResult
         // One statement of fixed text for the whole batch (diesel prepares every INSERT and
         // UPDATE anew, so a statement per row costs a parse per row).
         DbConn::Sqlite(c) => {
-            diesel::sql_query(
-                "INSERT INTO deliveries (device_id, notification_seq, state) \
-                 SELECT value->>0, value->>1, 0 FROM json_each(?1)",
-            )
-            .bind::<diesel::sql_types::Text, _>(json_rows(rows))
-            .execute(c)?;
+            Fixed::<InsertDeliveries>::new(0, rows).execute(c)?;
         }
         // A round trip per statement: one multi-row INSERT per 10,000 rows (3 parameters a row,
         // far below PostgreSQL's 65,535).
@@ -424,15 +490,7 @@ pub fn mark_delivered_all(
                 .iter()
                 .flat_map(|(d, seqs)| seqs.iter().map(move |s| (d.as_str(), *s)))
                 .collect();
-            diesel::sql_query(
-                "UPDATE deliveries SET state = 1, delivered_at = ?1 \
-                 FROM (SELECT value->>0 AS device_id, value->>1 AS seq FROM json_each(?2)) AS m \
-                 WHERE deliveries.device_id = m.device_id AND deliveries.notification_seq = m.seq \
-                 AND deliveries.state = 0",
-            )
-            .bind::<BigInt, _>(at)
-            .bind::<Text, _>(json_rows(&pairs))
-            .execute(c)
+            Fixed::<MarkDelivered>::new(at, &pairs).execute(c)
         }
     }
 }
@@ -488,26 +546,8 @@ pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> Qu
                 .iter()
                 .flat_map(|(d, ids)| ids.iter().map(move |i| (d.as_str(), i.as_str())))
                 .collect();
-            let pairs = json_rows(&pairs);
-            for (from, set_delivered) in [
-                (STATE_PENDING, ", delivered_at = ?1"),
-                (STATE_DELIVERED, ""),
-            ] {
-                let n = diesel::sql_query(format!(
-                    "UPDATE deliveries SET state = 2, acked_at = ?1{set_delivered} \
-                     FROM (SELECT value->>0 AS device_id, value->>1 AS id FROM json_each(?2)) AS a \
-                     JOIN notifications n ON n.id = a.id \
-                     WHERE deliveries.device_id = a.device_id \
-                     AND deliveries.notification_seq = n.seq AND deliveries.state = {from}",
-                ))
-                .bind::<BigInt, _>(at)
-                .bind::<Text, _>(&pairs)
-                .execute(c)?;
-                done.acked += n;
-                if from == STATE_PENDING {
-                    done.delivered = n;
-                }
-            }
+            done.delivered = Fixed::<AckPending>::new(at, &pairs).execute(c)?;
+            done.acked = done.delivered + Fixed::<AckDelivered>::new(at, &pairs).execute(c)?;
         }
     }
     Ok(done)
@@ -533,14 +573,7 @@ pub fn touch_last_seen_all(conn: &mut DbConn, seen: &[(String, i64)]) -> QueryRe
             .execute(c)
             .map(drop)
         }
-        DbConn::Sqlite(c) => diesel::sql_query(
-            "UPDATE devices SET last_seen = s.at \
-             FROM (SELECT value->>0 AS id, max(value->>1) AS at FROM json_each(?1) GROUP BY 1) AS s \
-             WHERE devices.id = s.id",
-        )
-        .bind::<Text, _>(json_rows(seen))
-        .execute(c)
-        .map(drop),
+        DbConn::Sqlite(c) => Fixed::<TouchLastSeen>::new(0, seen).execute(c).map(drop),
     }
 }
 
