@@ -232,6 +232,10 @@ pub async fn revoke(
 ) -> Result<HttpResponse, ApiError> {
     who.require_service()?;
     let device_id = path.into_inner();
+    if domain::parse_id("id", &device_id).is_err() {
+        // Never one of ours (and a NUL would not even reach PostgreSQL).
+        return Err(ApiError::not_found("device"));
+    }
     state.auth_cache.forget(&device_id);
     let target = device_id.clone();
     let revoked = state

@@ -296,6 +296,10 @@ pub async fn status(
 ) -> Result<HttpResponse, ApiError> {
     who.require_service()?;
     let id = path.into_inner();
+    if domain::parse_id("id", &id).is_err() {
+        // Never one of ours (and a NUL would not even reach PostgreSQL).
+        return Err(ApiError::not_found("notification"));
+    }
     let found = state
         .db
         .read(state.db.deadline(), move |c| {

@@ -32,6 +32,7 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `next` cursor of the previous page.
+    #[param(min_length = 1, max_length = 64, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$")]
     after: Option<String>,
 }
 
@@ -101,6 +102,11 @@ pub async fn list(
     }
     if let Some(u) = &q.user_id {
         domain::parse_user_id(u)?;
+    }
+    if let Some(a) = &q.after {
+        // A cursor is a device id; one with control characters (a NUL, which PostgreSQL cannot
+        // even compare) was never handed out.
+        domain::parse_id("after", a)?;
     }
     let page = state
         .presence

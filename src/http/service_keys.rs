@@ -159,6 +159,10 @@ pub async fn revoke(
 ) -> Result<HttpResponse, ApiError> {
     who.require_admin()?;
     let id = path.into_inner();
+    if domain::parse_id("id", &id).is_err() {
+        // Never one of ours (and a NUL would not even reach PostgreSQL).
+        return Err(ApiError::not_found("service key"));
+    }
     state.auth_cache.forget(&id);
     let target = id.clone();
     let revoked = state

@@ -13,6 +13,7 @@ use crate::both_backends;
 use crate::helpers::*;
 
 both_backends!(
+    ids_with_control_characters_are_never_found,
     health_and_readiness_answer_200,
     unknown_path_is_404_json,
     wrong_method_is_405_json,
@@ -1645,6 +1646,34 @@ async fn presence_limit_is_bounded(b: Backend) {
         let (status, body) = app.get(&format!("/v1/presence?{q}"), &app.admin).await;
         assert_eq!(status, StatusCode::OK, "{q}: {body}");
     }
+}
+
+/// Ids and cursors are ours, short and printable: one with a control character — a NUL, which
+/// PostgreSQL cannot even compare (schemathesis found a `500` on `?after=%00…`) — names nothing.
+async fn ids_with_control_characters_are_never_found(b: Backend) {
+    let app = spawn_app(b).await;
+    let key = app.service_key().await;
+    for bad in ["%00", "a%00b", "%00%F3%86%9C%BC", "a%0Ab", "%7F"] {
+        let (status, body) = app
+            .get(&format!("/v1/presence?after={bad}"), &app.admin)
+            .await;
+        // As a bad `user_id` there: a value that breaks the field's rules.
+        assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, None);
+        let (status, body) = app.get(&format!("/v1/notifications/{bad}"), &key).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, Some("not_found"));
+        assert_eq!(
+            app.delete(&format!("/v1/devices/{bad}"), &key).await,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            app.delete(&format!("/v1/service-keys/{bad}"), &app.admin)
+                .await,
+            StatusCode::NOT_FOUND
+        );
+    }
+    // Nothing broke: the node still answers a valid cursor.
+    let (status, body) = app.get("/v1/presence?after=zzz", &app.admin).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 async fn presence_of_a_user(b: Backend) {
