@@ -526,21 +526,7 @@ fn main() {
     let cli = Cli::parse();
     let out = cli.out.clone();
     if let Command::Sum { reports } = &cli.command {
-        match report::sum(reports) {
-            Ok(r) => {
-                if let Some(path) = &out {
-                    if let Err(e) = report::write(path, &r) {
-                        eprintln!("herald-bench: cannot write {}: {e}", path.display());
-                        std::process::exit(1);
-                    }
-                }
-                println!("{}", deliver_summary(&r));
-            }
-            Err(e) => {
-                eprintln!("herald-bench: {e}");
-                std::process::exit(2);
-            }
-        }
+        finish(out.as_deref(), report::sum(reports), deliver_summary);
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -549,20 +535,31 @@ fn main() {
         .expect("tokio runtime");
     // Warm the clock before anything measures.
     let _ = report::now_ns();
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    finish(out.as_deref(), result, summary);
+    rt.shutdown_timeout(Duration::from_secs(2));
+}
+
+/// Writes the report (if `--out` was given) and prints its one-line summary; exits 1 if the
+/// report cannot be written, 2 if the run failed.
+fn finish(
+    out: Option<&std::path::Path>,
+    result: Result<Value, String>,
+    line: fn(&Value) -> String,
+) {
+    match result {
         Ok(report) => {
             if let Some(path) = out {
-                if let Err(e) = report::write(&path, &report) {
+                if let Err(e) = report::write(path, &report) {
                     eprintln!("herald-bench: cannot write {}: {e}", path.display());
                     std::process::exit(1);
                 }
             }
-            println!("{}", summary(&report));
+            println!("{}", line(&report));
         }
         Err(e) => {
             eprintln!("herald-bench: {e}");
             std::process::exit(2);
         }
     }
-    rt.shutdown_timeout(Duration::from_secs(2));
 }

@@ -369,37 +369,21 @@ async fn wrong_credentials_from_one_address_are_limited_with_429(b: Backend) {
         assert_eq!(raw_http(&app, proxy, &head).await.0, 401);
     }
     // A wrong credential from a limited client is 429; from another client, still 401.
-    let probe = |xff: &str| get_with_token("/v1/service-keys", "hsk_probe", xff);
-    assert_eq!(
-        raw_http(&app, proxy, &probe("X-Forwarded-For: 203.0.113.7\r\n"))
-            .await
-            .0,
-        429
-    );
+    let probe = |peer: IpAddr, xff: &'static str| {
+        let head = get_with_token(
+            "/v1/service-keys",
+            "hsk_probe",
+            &format!("X-Forwarded-For: {xff}\r\n"),
+        );
+        let app = &app;
+        async move { raw_http(app, peer, &head).await.0 }
+    };
+    assert_eq!(probe(proxy, "203.0.113.7").await, 429);
     // A client cannot dodge the limit by writing its own X-Forwarded-For entry first.
-    assert_eq!(
-        raw_http(
-            &app,
-            proxy,
-            &probe("X-Forwarded-For: 198.51.100.1, 203.0.113.7\r\n")
-        )
-        .await
-        .0,
-        429
-    );
-    assert_eq!(
-        raw_http(&app, proxy, &probe("X-Forwarded-For: 203.0.113.8\r\n"))
-            .await
-            .0,
-        401
-    );
+    assert_eq!(probe(proxy, "198.51.100.1, 203.0.113.7").await, 429);
+    assert_eq!(probe(proxy, "203.0.113.8").await, 401);
     // An untrusted peer's X-Forwarded-For is ignored: the guesser stays limited.
-    assert_eq!(
-        raw_http(&app, guesser, &probe("X-Forwarded-For: 203.0.113.9\r\n"))
-            .await
-            .0,
-        429
-    );
+    assert_eq!(probe(guesser, "203.0.113.9").await, 429);
 }
 
 both_backends!(one_user_may_have_only_so_many_devices_online);
