@@ -6,8 +6,8 @@
 //! Why the socket is taken from the HTTP dispatcher (`startup`'s upgrade service hands it over
 //! after the `101`): actix-http's dispatcher keeps two 8 KiB buffers per connection for as long as
 //! it runs, and a WebSocket is a connection that never ends — most of an idle session's memory.
-//! Here an idle session holds no buffer at all: reads go through a stack buffer and only a partial
-//! frame is kept; the write buffer exists only while frames are waiting for the socket.
+//! Here an idle session holds no buffer at all: the read buffer exists only while a read or a
+//! partial frame needs it; the write buffer exists only while frames are waiting for the socket.
 //!
 //! Why not `actix-web-actors`: its context runs the actor *inside* the response body, which the
 //! HTTP dispatcher stops polling while the socket cannot take more bytes. A device that stops
@@ -38,7 +38,7 @@ use tokio::time::Sleep;
 /// Bytes encoded per write: the writer holds at most about this much beyond the outbox's count,
 /// so the count stays close to the truth.
 const WRITE_CHUNK: usize = 16 * 1024;
-/// Bytes read from the socket per read call (into a stack buffer; only a partial frame is kept).
+/// Room made in the frame buffer for one read (given back once the buffer is empty again).
 const READ_CHUNK: usize = 8 * 1024;
 /// How long the frames queued before a close (the close frame last) may take to reach a device
 /// that does not read; then the socket is dropped.
@@ -57,6 +57,14 @@ pub struct Outbox {
     waker: Option<Waker>,
 }
 
+impl Outbox {
+    /// Drops every queued frame and its memory.
+    fn clear(&mut self) {
+        self.queue = VecDeque::new();
+        self.bytes = 0;
+    }
+}
+
 /// One upgraded connection: the socket, shared by the session's frame stream (reads) and the
 /// writer (writes), and the outbox between the session and the writer. Everything lives on one
 /// worker thread, so an `Rc` suffices and tokio's `&self` readiness API serves both directions.
@@ -71,20 +79,26 @@ pub struct Conn {
 /// node is shutting down: a graceful stop refuses new sessions, then waits for the count to reach
 /// zero so every device gets its close frame.
 #[derive(Clone, Default)]
-pub struct OpenSockets(Arc<AtomicUsize>, Arc<AtomicBool>);
+pub struct OpenSockets(Arc<SocketCount>);
+
+#[derive(Default)]
+pub struct SocketCount {
+    open: AtomicUsize,
+    closing: AtomicBool,
+}
 
 impl OpenSockets {
     pub fn get(&self) -> usize {
-        self.0.load(Ordering::Acquire)
+        self.0.open.load(Ordering::Acquire)
     }
 
     /// From now on the node takes no new sessions.
     pub fn close(&self) {
-        self.1.store(true, Ordering::Release);
+        self.0.closing.store(true, Ordering::Release);
     }
 
     pub fn closing(&self) -> bool {
-        self.1.load(Ordering::Acquire)
+        self.0.closing.load(Ordering::Acquire)
     }
 }
 
@@ -93,7 +107,7 @@ struct OpenGuard(OpenSockets);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        (self.0).0.fetch_sub(1, Ordering::AcqRel);
+        (self.0).0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -129,7 +143,7 @@ pub fn take_over(
         out: RefCell::new(Outbox::default()),
         broken: Cell::new(false),
     });
-    open.0.fetch_add(1, Ordering::AcqRel);
+    open.0.open.fetch_add(1, Ordering::AcqRel);
     let guard = OpenGuard(open.clone());
     let writer = conn.clone();
     actix_web::rt::spawn(async move {
@@ -166,9 +180,7 @@ impl SharedOutbox {
     /// Drops every frame not yet taken by the socket (a session closed for being too slow
     /// frees its backlog at once; the notifications in it stay pending in the database).
     pub fn discard(&self) {
-        let mut out = self.0.out.borrow_mut();
-        out.queue = VecDeque::new();
-        out.bytes = 0;
+        self.0.out.borrow_mut().clear();
     }
 
     /// No more frames: the writer ends once what is queued is written.
@@ -280,11 +292,11 @@ impl Conn {
     /// The socket is unusable: drop what is queued and make the reading side end as well.
     fn fail(&self) {
         self.broken.set(true);
-        let mut out = self.out.borrow_mut();
-        out.queue = VecDeque::new();
-        out.bytes = 0;
-        out.finished = true;
-        drop(out);
+        {
+            let mut out = self.out.borrow_mut();
+            out.clear();
+            out.finished = true;
+        }
         let _ = socket2::SockRef::from(&self.stream).shutdown(Shutdown::Both);
     }
 }
@@ -347,17 +359,20 @@ impl FrameStream {
     /// The next complete frame in the buffer; an emptied buffer gives its memory back.
     fn decode(&mut self) -> Result<Option<Frame>, ProtocolError> {
         let frame = self.codec.decode(&mut self.buf)?;
+        self.release_if_empty();
+        Ok(frame)
+    }
+
+    fn release_if_empty(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
-        Ok(frame)
     }
 
     fn next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, ProtocolError>>> {
         if let Some(frame) = self.decode()? {
             return Poll::Ready(Some(Ok(frame)));
         }
-        let mut chunk = [0u8; READ_CHUNK];
         while !self.ended {
             if self.conn.broken.get() {
                 self.ended = true;
@@ -367,15 +382,16 @@ impl FrameStream {
                 self.ended = true;
                 return Poll::Ready(Some(Err(ProtocolError::Io(e))));
             }
-            match self.conn.stream.try_read(&mut chunk) {
+            // Room for a read only now: between frames the buffer holds no memory.
+            self.buf.reserve(READ_CHUNK);
+            match self.conn.stream.try_read_buf(&mut self.buf) {
                 Ok(0) => self.ended = true,
-                Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
+                Ok(_) => {
                     if let Some(frame) = self.decode()? {
                         return Poll::Ready(Some(Ok(frame)));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.release_if_empty(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.ended = true;
