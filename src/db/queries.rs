@@ -17,13 +17,6 @@ pub const STATE_ACKED: i16 = 2;
 
 // The state tests below are SQL literals, not bound parameters: SQLite re-prepares a statement on
 // every execution when a bound value decides whether a partial index (`WHERE state < 2`) applies.
-//
-// PG_STATE_TEST: PostgreSQL's batch marks and acks test `state + 0 = N`, which the partial index
-// `deliveries_unacked` cannot serve. With a plain `state = N` the planner, estimating few unacked
-// rows, reads *every* unacked delivery for each batch and joins the batch's rows against them, so
-// a statement's cost grows with the backlog and a node that falls behind falls further behind
-// (20 ms instead of 3 ms for 125 rows with 20,000 unacked, `EXPLAIN ANALYZE`). Without that
-// index the batch's rows drive the join, one index lookup each.
 
 /// `deliveries.state < 2`: pending or delivered, not yet acked.
 fn unacked() -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
@@ -481,11 +474,16 @@ pub fn mark_delivered_all(
                 .iter()
                 .flat_map(|(d, seqs)| seqs.iter().map(move |s| (d.as_str(), *s)))
                 .unzip();
-            diesel::sql_query(PG_MARK_DELIVERED)
-                .bind::<BigInt, _>(at)
-                .bind::<Array<Text>, _>(devices)
-                .bind::<Array<BigInt>, _>(seqs)
-                .execute(c)
+            diesel::sql_query(
+                "UPDATE deliveries SET state = 1, delivered_at = $1 \
+                 FROM unnest($2::text[], $3::bigint[]) AS m(device_id, seq) \
+                 WHERE deliveries.device_id = m.device_id AND deliveries.notification_seq = m.seq \
+                 AND deliveries.state = 0",
+            )
+            .bind::<BigInt, _>(at)
+            .bind::<Array<Text>, _>(devices)
+            .bind::<Array<BigInt>, _>(seqs)
+            .execute(c)
         }
         DbConn::Sqlite(c) => {
             let pairs: Vec<(&str, i64)> = marks
@@ -495,30 +493,6 @@ pub fn mark_delivered_all(
             Fixed::<MarkDelivered>::new(at, &pairs).execute(c)
         }
     }
-}
-
-/// PostgreSQL: marks `(device_id[], seq[])` ($2, $3) delivered at $1. `state + 0`: see
-/// PG_STATE_TEST at the top of this file.
-pub const PG_MARK_DELIVERED: &str = "UPDATE deliveries SET state = 1, delivered_at = $1 \
-     FROM unnest($2::text[], $3::bigint[]) AS m(device_id, seq) \
-     WHERE deliveries.device_id = m.device_id AND deliveries.notification_seq = m.seq \
-     AND deliveries.state + 0 = 0";
-
-/// PostgreSQL: acks `(device_id[], notification id[])` ($2, $3) at $1 among the deliveries in
-/// state `from`, setting `delivered_at` too if asked. `state + 0`: see PG_STATE_TEST.
-pub fn pg_ack(from: i16, set_delivered: bool) -> String {
-    let set_delivered = if set_delivered {
-        ", delivered_at = $1"
-    } else {
-        ""
-    };
-    format!(
-        "UPDATE deliveries SET state = 2, acked_at = $1{set_delivered} \
-         FROM unnest($2::text[], $3::text[]) AS a(device_id, id) \
-         JOIN notifications n ON n.id = a.id \
-         WHERE deliveries.device_id = a.device_id \
-         AND deliveries.notification_seq = n.seq AND deliveries.state + 0 = {from}"
-    )
 }
 
 /// What a batch's acks changed.
@@ -546,12 +520,21 @@ pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> Qu
                 .iter()
                 .flat_map(|(d, ids)| ids.iter().map(move |i| (d.as_str(), i.as_str())))
                 .unzip();
-            for (from, set_delivered) in [(STATE_PENDING, true), (STATE_DELIVERED, false)] {
-                let n = diesel::sql_query(pg_ack(from, set_delivered))
-                    .bind::<BigInt, _>(at)
-                    .bind::<Array<Text>, _>(&devices)
-                    .bind::<Array<Text>, _>(&ids)
-                    .execute(c)?;
+            for (from, set_delivered) in [
+                (STATE_PENDING, ", delivered_at = $1"),
+                (STATE_DELIVERED, ""),
+            ] {
+                let n = diesel::sql_query(format!(
+                    "UPDATE deliveries SET state = 2, acked_at = $1{set_delivered} \
+                     FROM unnest($2::text[], $3::text[]) AS a(device_id, id) \
+                     JOIN notifications n ON n.id = a.id \
+                     WHERE deliveries.device_id = a.device_id \
+                     AND deliveries.notification_seq = n.seq AND deliveries.state = {from}",
+                ))
+                .bind::<BigInt, _>(at)
+                .bind::<Array<Text>, _>(&devices)
+                .bind::<Array<Text>, _>(&ids)
+                .execute(c)?;
                 done.acked += n;
                 if from == STATE_PENDING {
                     done.delivered = n;

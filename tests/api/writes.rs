@@ -36,26 +36,6 @@ fn post(id: &str, device: &str, payload: &str) -> PostInput {
     }
 }
 
-/// Commits these posts as one batch at time 100; their seqs, in the batch's order.
-fn create(c: &mut herald::db::DbConn, posts: Vec<PostInput>) -> Vec<i64> {
-    let out = batch::commit(
-        c,
-        &WriteBatch {
-            posts,
-            ..WriteBatch::default()
-        },
-        100,
-    )
-    .unwrap();
-    out.posts
-        .iter()
-        .map(|p| match p {
-            PostOutcome::Created { seq, .. } => *seq,
-            other => panic!("not created: {other:?}"),
-        })
-        .collect()
-}
-
 async fn a_batch_writes_posts_marks_acks_and_last_seen_in_order(b: Backend) {
     let db = TestDb::new(b);
     let backend = DbBackend::from_url(&db.url).unwrap();
@@ -76,7 +56,23 @@ async fn a_batch_writes_posts_marks_acks_and_last_seen_in_order(b: Backend) {
         post("n2", "d1", payloads[1]),
         post("n3", "d1", payloads[2]),
     ];
-    let seqs = create(&mut c, posts);
+    let out = batch::commit(
+        &mut c,
+        &WriteBatch {
+            posts,
+            ..WriteBatch::default()
+        },
+        100,
+    )
+    .unwrap();
+    let seqs: Vec<i64> = out
+        .posts
+        .iter()
+        .map(|p| match p {
+            PostOutcome::Created { seq, .. } => *seq,
+            other => panic!("not created: {other:?}"),
+        })
+        .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     for (i, id) in ["n1", "n2", "n3"].iter().enumerate() {
         let row = queries::notification_by_id(&mut c, id).unwrap().unwrap();
@@ -151,95 +147,4 @@ async fn a_batch_writes_posts_marks_acks_and_last_seen_in_order(b: Backend) {
         seen,
         vec![("d1".into(), Some(190)), ("d2".into(), Some(160))]
     );
-}
-
-/// PostgreSQL: a batch's marks and acks must not read the whole backlog of unacked deliveries.
-/// With stale statistics that say nearly every delivery is acked (as after a quiet spell, or with
-/// autovacuum behind), `state = 0` let the planner scan the partial index `deliveries_unacked`
-/// in full for every batch, so a node that fell behind fell further behind. The statements'
-/// plans are checked here with 3,000 deliveries unacked behind statistics that say none are.
-#[actix_web::test]
-async fn postgres_marks_and_acks_do_not_scan_the_unacked_backlog() {
-    use diesel::connection::SimpleConnection;
-    use diesel::sql_types::{Array, BigInt, Text};
-    use diesel::{QueryableByName, RunQueryDsl};
-    use herald::db::DbConn;
-
-    #[derive(QueryableByName)]
-    struct PlanLine {
-        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
-        line: String,
-    }
-
-    let db = TestDb::new(Backend::Postgres);
-    let backend = DbBackend::from_url(&db.url).unwrap();
-    backend.migrate().unwrap();
-    let mut c = backend.connect().unwrap();
-    let devices: Vec<String> = (0..100).map(|i| format!("d{i}")).collect();
-    for d in &devices {
-        queries::insert_device(&mut c, &device(d)).unwrap();
-    }
-    let posts = (0..3_000)
-        .map(|i| post(&format!("n{i}"), &devices[i % devices.len()], "{}"))
-        .collect();
-    let seqs = create(&mut c, posts);
-    let DbConn::Pg(pg) = &mut c else {
-        unreachable!("a PostgreSQL test database")
-    };
-    pg.batch_execute(
-        "UPDATE deliveries SET state = 2; ANALYZE deliveries; ANALYZE notifications; \
-         UPDATE deliveries SET state = 0;",
-    )
-    .unwrap();
-
-    // One batch's worth: 50 marks and 50 acks.
-    let batch_devices: Vec<&str> = (0..50)
-        .map(|i| devices[i % devices.len()].as_str())
-        .collect();
-    let batch_seqs: Vec<i64> = seqs[..50].to_vec();
-    let batch_ids: Vec<String> = (0..50).map(|i| format!("n{i}")).collect();
-    let explain = |pg: &mut diesel::PgConnection, sql: &str, ids: bool| -> String {
-        let q = diesel::sql_query(format!("EXPLAIN {sql}"))
-            .bind::<BigInt, _>(200_i64)
-            .bind::<Array<Text>, _>(&batch_devices);
-        let lines: Vec<PlanLine> = if ids {
-            q.bind::<Array<Text>, _>(&batch_ids).load(pg).unwrap()
-        } else {
-            q.bind::<Array<BigInt>, _>(&batch_seqs).load(pg).unwrap()
-        };
-        lines
-            .into_iter()
-            .map(|l| l.line)
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    for (what, plan) in [
-        ("mark", explain(pg, queries::PG_MARK_DELIVERED, false)),
-        (
-            "ack pending",
-            explain(pg, &queries::pg_ack(STATE_PENDING, true), true),
-        ),
-        (
-            "ack delivered",
-            explain(pg, &queries::pg_ack(STATE_DELIVERED, false), true),
-        ),
-    ] {
-        assert!(
-            !plan.contains("deliveries_unacked"),
-            "the {what} statement reads the unacked backlog:\n{plan}"
-        );
-    }
-
-    // And they still do their work.
-    let out = batch::commit(
-        &mut c,
-        &WriteBatch {
-            delivered: vec![(devices[0].clone(), vec![seqs[0], seqs[100]])],
-            acks: vec![(devices[1].clone(), vec!["n1".into(), "n101".into()])],
-            ..WriteBatch::default()
-        },
-        300,
-    )
-    .unwrap();
-    assert_eq!((out.acked, out.delivered), (2, 4));
 }
