@@ -9,6 +9,7 @@ mod herald;
 mod mqtt;
 mod net;
 mod report;
+mod targets;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -540,22 +541,31 @@ fn main() {
     rt.shutdown_timeout(Duration::from_secs(2));
 }
 
-/// Writes the report (if `--out` was given) and prints its one-line summary; exits 1 if the
-/// report cannot be written, 2 if the run failed.
+/// Judges the report against issue 4's targets (`targets` in the JSON), writes it (if `--out`
+/// was given) and prints its one-line summary with the verdicts; exits 1 if the report cannot be
+/// written, 2 if the run failed.
 fn finish(
     out: Option<&std::path::Path>,
     result: Result<Value, String>,
     line: fn(&Value) -> String,
 ) {
     match result {
-        Ok(report) => {
+        Ok(mut report) => {
+            if report.is_object() {
+                report["targets"] = targets::judge(&report);
+            }
             if let Some(path) = out {
                 if let Err(e) = report::write(path, &report) {
                     eprintln!("herald-bench: cannot write {}: {e}", path.display());
                     std::process::exit(1);
                 }
             }
-            println!("{}", line(&report));
+            let verdicts = targets::line(&report["targets"]);
+            if verdicts.is_empty() {
+                println!("{}", line(&report));
+            } else {
+                println!("{} || {verdicts}", line(&report));
+            }
         }
         Err(e) => {
             eprintln!("herald-bench: {e}");
