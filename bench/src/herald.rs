@@ -588,6 +588,9 @@ struct PosterOut {
     /// Every answer, warm-up included (the only figure left when an overloaded run never
     /// reaches the posts after the warm-up).
     answer_all: Lat,
+    /// From the intended send time to the request's start (after the warm-up): the client's
+    /// own scheduling, and any wait for a free connection. Part of every latency above.
+    send_lag: Lat,
     statuses: Statuses,
     accepted: Vec<u64>,
     accepted_in_window: u64,
@@ -635,6 +638,9 @@ async fn poster(
             // Posting is over (duration + drain): what is still queued is never sent.
             out.statuses.add("not_sent_past_deadline");
             continue;
+        }
+        if job.sent_ns >= window.0 {
+            out.send_lag.record_ns(now_ns().saturating_sub(job.sent_ns));
         }
         let body = post_body(&ctx.run, job.seq, job.sent_ns, &ids, k);
         let r = conn
@@ -855,6 +861,7 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
         let r = p.await.map_err(|e| e.to_string())?;
         out.answer.add(&r.answer);
         out.answer_all.add(&r.answer_all);
+        out.send_lag.add(&r.send_lag);
         out.statuses.merge(&r.statuses);
         out.accepted.extend(r.accepted);
         out.accepted_in_window += r.accepted_in_window;
@@ -1045,6 +1052,7 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
             "scheduled": total,
             "accepted": out.accepted.len(),
             "scheduler_lag_max_ms": round(lag_max as f64 / 1e6, 3),
+            "send_lag": out.send_lag.summary(),
             "http_connections_opened": out.connects,
             "http_retries": out.retries,
         },

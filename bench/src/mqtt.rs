@@ -330,9 +330,14 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
     let interval = 1e9 / o.rate;
     let mut sent = 0u64;
     let mut lag_max = 0u64;
+    // From the intended send time to the publish (after the warm-up), as Herald's `send_lag`.
+    let mut send_lag = Lat::default();
     for seq in 0..total {
         let sent_ns = t0 + (seq as f64 * interval) as u64;
         pace(sent_ns, &mut lag_max).await;
+        if sent_ns >= window.0 {
+            send_lag.record_ns(now_ns().saturating_sub(sent_ns));
+        }
         let j = seq as usize % p;
         let (client, order) = &pubs[j];
         let payload = format!(r#"{{"run":"{run}","seq":{seq},"t":{sent_ns}}}"#);
@@ -408,7 +413,7 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
             "acks_per_s": round(c.acks_in_window as f64 / window_s, 1),
         },
         "publish_status": out.statuses.json(),
-        "posts": {"scheduled": total, "accepted": out.accepted.len(), "scheduler_lag_max_ms": round(lag_max as f64 / 1e6, 3)},
+        "posts": {"scheduled": total, "accepted": out.accepted.len(), "scheduler_lag_max_ms": round(lag_max as f64 / 1e6, 3), "send_lag": send_lag.summary()},
         "post_answer": out.answer.summary(),
         "e2e_delivery": c.e2e.summary(),
         "e2e_delivery_incl_warmup": c.e2e_all.summary(),
