@@ -589,7 +589,8 @@ struct PosterOut {
     /// reaches the posts after the warm-up).
     answer_all: Lat,
     /// From the intended send time to the request's start (after the warm-up): the client's
-    /// own scheduling, and any wait for a free connection. Part of every latency above.
+    /// own scheduling, and any wait for a free poster task (each holds one connection). Part of
+    /// every latency above. Posts dropped past the deadline are not in it.
     send_lag: Lat,
     statuses: Statuses,
     accepted: Vec<u64>,

@@ -71,7 +71,8 @@ struct Cli {
     #[arg(long, global = true)]
     out: Option<PathBuf>,
 
-    /// A free-text label stored in the report (e.g. "sqlite").
+    /// A free-text label stored in the report (e.g. "sqlite"). One starting with `sqlite`, `pg` or
+    /// `postgres` also names the backend whose throughput target the report is judged against.
     #[arg(long, global = true, default_value = "")]
     label: String,
 
