@@ -561,12 +561,12 @@ fn finish(
                     std::process::exit(1);
                 }
             }
+            let mut text = line(&report);
             let verdicts = targets::line(&report["targets"]);
-            if verdicts.is_empty() {
-                println!("{}", line(&report));
-            } else {
-                println!("{} || {verdicts}", line(&report));
+            if !verdicts.is_empty() {
+                text = format!("{text} || {verdicts}");
             }
+            println!("{text}");
         }
         Err(e) => {
             eprintln!("herald-bench: {e}");

@@ -7,17 +7,17 @@ use serde_json::{json, Value};
 use crate::report::round;
 
 /// Idle sessions: server RSS per session, at most (bytes).
-pub const MAX_RSS_PER_SESSION_B: f64 = 10_000.0;
+const MAX_RSS_PER_SESSION_B: f64 = 10_000.0;
 /// Notifications delivered and acked per second, end to end: on SQLite, on PostgreSQL.
-pub const MIN_RATE_SQLITE: f64 = 40_000.0;
-pub const MIN_RATE_POSTGRES: f64 = 20_000.0;
+const MIN_RATE_SQLITE: f64 = 40_000.0;
+const MIN_RATE_POSTGRES: f64 = 20_000.0;
 /// The offered rate at which the latency targets apply (posts per second).
-pub const LATENCY_AT_RATE: f64 = 10_000.0;
+const LATENCY_AT_RATE: f64 = 10_000.0;
 /// End-to-end delivery latency at that rate, at most (ms).
-pub const MAX_P99_MS: f64 = 5.0;
-pub const MAX_P999_MS: f64 = 20.0;
+const MAX_P99_MS: f64 = 5.0;
+const MAX_P999_MS: f64 = 20.0;
 /// Herald's delivered-and-acked rate over Mosquitto's QoS 1 rate in the same run, at least.
-pub const MIN_RATIO_TO_MQTT: f64 = 1.0;
+const MIN_RATIO_TO_MQTT: f64 = 1.0;
 
 enum Want {
     AtMost(f64),
@@ -27,10 +27,11 @@ enum Want {
 /// `unit` follows the number as written (`" ms"`, `"/s"`, `""`).
 fn verdict(target: &str, measured: Option<f64>, want: Want, unit: &str) -> Option<Value> {
     let m = measured?;
-    let (met, by, limit, op) = match want {
-        Want::AtMost(t) => (m <= t, m - t, t, "<="),
-        Want::AtLeast(t) => (m >= t, t - m, t, ">="),
+    let (limit, op, by) = match want {
+        Want::AtMost(t) => (t, "<=", m - t),
+        Want::AtLeast(t) => (t, ">=", t - m),
     };
+    let met = by <= 0.0;
     let wanted = format!("{op} {}{unit}", num(limit));
     Some(json!({
         "target": target,
@@ -129,16 +130,13 @@ fn delivery(r: &Value, label: &str) -> Vec<Value> {
 
 /// The backend of a `sum` report: its processes' label, if they all have the same one.
 fn sum_label(r: &Value) -> &str {
-    let labels: Vec<&str> = r["processes"]
+    let mut labels = r["processes"]
         .as_array()
-        .map(|ps| {
-            ps.iter()
-                .map(|p| p["label"].as_str().unwrap_or(""))
-                .collect()
-        })
-        .unwrap_or_default();
-    match labels.split_first() {
-        Some((first, rest)) if rest.iter().all(|l| l == first) => first,
+        .into_iter()
+        .flatten()
+        .map(|p| p["label"].as_str().unwrap_or(""));
+    match labels.next() {
+        Some(first) if labels.all(|l| l == first) => first,
         _ => "",
     }
 }
