@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::herald::{finish, Collector, Ev, Payload};
 use crate::net;
-use crate::report::{instant_at, now_ns, pace, round, Lat, Statuses};
+use crate::report::{instant_at, now_ns, pacer, round, Lat, Statuses};
 
 #[derive(Clone, Debug)]
 pub struct MqttOpts {
@@ -327,37 +327,42 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
     }
     let client_cpu_before = net::cpu_seconds(std::process::id());
     let total = (o.rate * o.duration).round() as u64;
-    let interval = 1e9 / o.rate;
-    let mut sent = 0u64;
-    let mut lag_max = 0u64;
+    // Published from the pacer thread itself (`try_publish` only queues the request for the
+    // client's event loop), as Herald's posts are queued for its posters from the same thread.
+    let sent = Arc::new(AtomicU64::new(0));
     // From the intended send time to the publish (after the warm-up), as Herald's `send_lag`.
-    let mut send_lag = Lat::default();
-    for seq in 0..total {
-        let sent_ns = t0 + (seq as f64 * interval) as u64;
-        pace(sent_ns, &mut lag_max).await;
-        if sent_ns >= window.0 {
-            send_lag.record_ns(now_ns().saturating_sub(sent_ns));
-        }
-        let j = seq as usize % p;
-        let (client, order) = &pubs[j];
-        let payload = format!(r#"{{"run":"{run}","seq":{seq},"t":{sent_ns}}}"#);
-        order
-            .lock()
-            .expect("not poisoned")
-            .push_back((seq, sent_ns));
-        if client
-            .publish(
-                topic(&run, seq as usize % m),
-                QoS::AtLeastOnce,
-                false,
-                payload.into_bytes(),
-            )
-            .await
-            .is_ok()
-        {
-            sent += 1;
-        }
-    }
+    let send_lag = Arc::new(std::sync::Mutex::new(Lat::default()));
+    let pacer = {
+        let (sent, send_lag, run) = (sent.clone(), send_lag.clone(), run.clone());
+        let pubs: Vec<_> = pubs.iter().map(|(c, o)| (c.clone(), o.clone())).collect();
+        let warm_until = window.0;
+        pacer(t0, 1e9 / o.rate, total, move |seq, sent_ns| {
+            if sent_ns >= warm_until {
+                let lag = now_ns().saturating_sub(sent_ns);
+                send_lag.lock().expect("not poisoned").record_ns(lag);
+            }
+            let (client, order) = &pubs[seq as usize % p];
+            let payload = format!(r#"{{"run":"{run}","seq":{seq},"t":{sent_ns}}}"#);
+            order
+                .lock()
+                .expect("not poisoned")
+                .push_back((seq, sent_ns));
+            let topic = topic(&run, seq as usize % m);
+            if client
+                .try_publish(topic, QoS::AtLeastOnce, false, payload.into_bytes())
+                .is_ok()
+            {
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            true
+        })
+    };
+    let lag_max = tokio::task::spawn_blocking(move || pacer.join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the pacer thread panicked".to_string())?;
+    let sent = sent.load(Ordering::Relaxed);
+    let send_lag = std::mem::take(&mut *send_lag.lock().expect("not poisoned"));
     let until = Instant::now() + Duration::from_secs_f64(o.drain);
     while answered.load(Ordering::Relaxed) < sent && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
