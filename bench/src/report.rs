@@ -130,6 +130,9 @@ pub fn write(path: &std::path::Path, report: &Value) -> std::io::Result<()> {
     std::fs::write(path, text)
 }
 
+/// The pacer's shortest sleep.
+const PACER_TICK_NS: u64 = 250_000;
+
 /// Open-loop pacing on a thread of its own: calls `send(seq, sent_ns)` for `seq` in
 /// `0..total`, each at its intended send time `t0 + seq × interval_ns` (or at once, if that has
 /// passed), until `send` returns `false`. Returns how far behind schedule a send ever was.
@@ -138,7 +141,10 @@ pub fn write(path: &std::path::Path, report: &Value) -> std::io::Result<()> {
 /// Not a tokio timer: those tick in whole milliseconds, so a sender sleeping on one woke up to
 /// 1 ms late and sent in bursts of ~10 at 10,000/s — ~0.5 ms of every reported latency (p99
 /// ~2 ms), for Herald and Mosquitto alike, was the load generator's own lateness. This thread
-/// sleeps on the kernel's high-resolution timer, with its timer slack set to 1 µs.
+/// sleeps on the kernel's high-resolution timer, with its timer slack set to 1 µs, and wakes at
+/// most every `PACER_TICK_NS`: waking for every send (every 100 µs at 10,000/s) cost the client
+/// 15 % of a core more — taken from the server on a 2-core machine — for 0.1 ms less send lag.
+/// Measured at 10,000/s: send lag p50 0.42 → 0.18 ms, p99 1.7 → 0.7–1.0 ms.
 pub fn pacer(
     t0: u64,
     interval_ns: f64,
@@ -158,7 +164,8 @@ pub fn pacer(
                 let mut now = now_ns();
                 // Within 20 µs of the send time a sleep would only add its own wake-up delay.
                 while sent_ns > now + 20_000 {
-                    std::thread::sleep(Duration::from_nanos(sent_ns - now));
+                    let nap = (sent_ns - now).max(PACER_TICK_NS);
+                    std::thread::sleep(Duration::from_nanos(nap));
                     now = now_ns();
                 }
                 lag_max = lag_max.max(now.saturating_sub(sent_ns));
