@@ -332,8 +332,11 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
     let sent = Arc::new(AtomicU64::new(0));
     // From the intended send time to the publish (after the warm-up), as Herald's `send_lag`.
     let send_lag = Arc::new(std::sync::Mutex::new(Lat::default()));
+    // Publishes the client refused (its request queue full): counted as `not_queued`.
+    let not_queued = Arc::new(AtomicU64::new(0));
     let pacer = {
         let (sent, send_lag, run) = (sent.clone(), send_lag.clone(), run.clone());
+        let not_queued = not_queued.clone();
         let pubs: Vec<_> = pubs.iter().map(|(c, o)| (c.clone(), o.clone())).collect();
         let warm_until = window.0;
         pacer(t0, 1e9 / o.rate, total, move |seq, sent_ns| {
@@ -343,16 +346,19 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
             }
             let (client, order) = &pubs[seq as usize % p];
             let payload = format!(r#"{{"run":"{run}","seq":{seq},"t":{sent_ns}}}"#);
-            order
-                .lock()
-                .expect("not poisoned")
-                .push_back((seq, sent_ns));
             let topic = topic(&run, seq as usize % m);
-            if client
-                .try_publish(topic, QoS::AtLeastOnce, false, payload.into_bytes())
-                .is_ok()
-            {
-                sent.fetch_add(1, Ordering::Relaxed);
+            // PUBACKs are matched to publishes by order: queued under the lock, and taken back
+            // if the client refused it, so a refusal cannot shift every later match.
+            let mut order = order.lock().expect("not poisoned");
+            order.push_back((seq, sent_ns));
+            match client.try_publish(topic, QoS::AtLeastOnce, false, payload.into_bytes()) {
+                Ok(()) => {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    order.pop_back();
+                    not_queued.fetch_add(1, Ordering::Relaxed);
+                }
             }
             true
         })
@@ -377,6 +383,10 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
         out.statuses.merge(&r.statuses);
         out.accepted.extend(r.accepted);
         out.accepted_in_window += r.accepted_in_window;
+    }
+    let refused = not_queued.load(Ordering::Relaxed);
+    if refused > 0 {
+        *out.statuses.0.entry("not_queued".into()).or_default() += refused;
     }
     let posting_done = now_ns();
     let client_cpu_after = net::cpu_seconds(std::process::id());

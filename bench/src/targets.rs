@@ -24,8 +24,21 @@ enum Want {
     AtLeast(f64),
 }
 
-/// `unit` follows the number as written (`" ms"`, `"/s"`, `""`).
+/// `unit` follows the number as written (`" ms"`, `"/s"`, `""`). Judged on `measured` as given;
+/// shown to 3 decimals (see [`verdict_to`]).
 fn verdict(target: &str, measured: Option<f64>, want: Want, unit: &str) -> Option<Value> {
+    verdict_to(target, measured, want, unit, 3)
+}
+
+/// [`verdict`] shown to `digits` decimals (the percentage to `digits - 2`), for a measure whose
+/// misses are small fractions (a ratio of 0.9998 must not show as 1, missed by 0).
+fn verdict_to(
+    target: &str,
+    measured: Option<f64>,
+    want: Want,
+    unit: &str,
+    digits: i32,
+) -> Option<Value> {
     let m = measured?;
     let (limit, op, by) = match want {
         Want::AtMost(t) => (t, "<=", m - t),
@@ -36,14 +49,14 @@ fn verdict(target: &str, measured: Option<f64>, want: Want, unit: &str) -> Optio
     Some(json!({
         "target": target,
         "wanted": wanted,
-        "measured": round(m, 3),
+        "measured": round(m, digits),
         "met": met,
-        "missed_by": if met { Value::Null } else { json!(round(by, 3)) },
+        "missed_by": if met { Value::Null } else { json!(round(by, digits)) },
         "missed_by_percent": match met {
             true => Value::Null,
             // Percent of the target; a target of zero (nothing lost) has no percentage.
             false if limit == 0.0 => Value::Null,
-            false => json!(round(by / limit * 100.0, 1)),
+            false => json!(round(by / limit * 100.0, (digits - 2).max(1))),
         },
     }))
 }
@@ -157,11 +170,12 @@ pub fn judge(r: &Value) -> Value {
         Some("deliver-sum") => delivery(r, sum_label(r)),
         Some("compare") => {
             let mut v = delivery(&r["herald"], label);
-            v.extend(verdict(
+            v.extend(verdict_to(
                 "Herald's delivered+acked rate / Mosquitto QoS 1's",
                 r["ratio_acked_per_s"].as_f64(),
                 Want::AtLeast(MIN_RATIO_TO_MQTT),
                 "",
+                5,
             ));
             v
         }
@@ -333,6 +347,15 @@ mod tests {
         assert_eq!(ratio["met"], false);
         assert_eq!(ratio["missed_by_percent"], 0.1);
         assert_eq!(v.as_array().unwrap().len(), 5);
+        // Both keep up, Herald 2 deliveries/s short: missed, and shown so.
+        let v = judge(&json!({
+            "scenario": "compare", "label": "sqlite", "ratio_acked_per_s": 9_997.8 / 9_999.6,
+            "herald": deliver("sqlite", 10_000.0, 9_997.8, 5.0, 11.0, 0),
+        }));
+        let ratio = find(&v, "Herald's delivered+acked rate");
+        assert_eq!(ratio["met"], false);
+        assert_eq!(ratio["measured"], 0.99982);
+        assert_eq!(ratio["missed_by_percent"], 0.018);
         // A scenario with no target, and an empty list, print nothing.
         assert_eq!(judge(&json!({"scenario": "fanout"})), json!([]));
         assert_eq!(line(&json!([])), "");
