@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::net::{self, HttpConn, Sources};
-use crate::report::{instant_at, now_ns, pacer, round, Lat, Statuses};
+use crate::report::{instant_at, now_ns, pace, round, Lat, Statuses};
 
 /// What every Herald scenario needs.
 pub struct Ctx {
@@ -849,14 +849,10 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
         ))
     });
     let total = (o.rate * o.duration).round() as u64;
-    let pacer = pacer(t0, 1e9 / o.rate, total, move |seq, sent_ns| {
+    let lag_max = pace(t0, 1e9 / o.rate, total, move |seq, sent_ns| {
         job_tx.send(Job { seq, sent_ns }).is_ok()
-    });
-    // The pacer thread sleeps through the run; join it off the runtime's threads.
-    let lag_max = tokio::task::spawn_blocking(move || pacer.join())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|_| "the pacer thread panicked".to_string())?;
+    })
+    .await?;
     let mut out = PosterOut::default();
     for p in posters {
         let r = p.await.map_err(|e| e.to_string())?;

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::herald::{finish, Collector, Ev, Payload};
 use crate::net;
-use crate::report::{instant_at, now_ns, pacer, round, Lat, Statuses};
+use crate::report::{instant_at, now_ns, pace, round, Lat, Statuses};
 
 #[derive(Clone, Debug)]
 pub struct MqttOpts {
@@ -329,17 +329,15 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
     let total = (o.rate * o.duration).round() as u64;
     // Published from the pacer thread itself (`try_publish` only queues the request for the
     // client's event loop), as Herald's posts are queued for its posters from the same thread.
-    let sent = Arc::new(AtomicU64::new(0));
     // From the intended send time to the publish (after the warm-up), as Herald's `send_lag`.
     let send_lag = Arc::new(std::sync::Mutex::new(Lat::default()));
     // Publishes the client refused (its request queue full): counted as `not_queued`.
     let not_queued = Arc::new(AtomicU64::new(0));
-    let pacer = {
-        let (sent, send_lag, run) = (sent.clone(), send_lag.clone(), run.clone());
-        let not_queued = not_queued.clone();
+    let lag_max = {
+        let (send_lag, not_queued, run) = (send_lag.clone(), not_queued.clone(), run.clone());
         let pubs: Vec<_> = pubs.iter().map(|(c, o)| (c.clone(), o.clone())).collect();
         let warm_until = window.0;
-        pacer(t0, 1e9 / o.rate, total, move |seq, sent_ns| {
+        pace(t0, 1e9 / o.rate, total, move |seq, sent_ns| {
             if sent_ns >= warm_until {
                 let lag = now_ns().saturating_sub(sent_ns);
                 send_lag.lock().expect("not poisoned").record_ns(lag);
@@ -351,23 +349,20 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
             // if the client refused it, so a refusal cannot shift every later match.
             let mut order = order.lock().expect("not poisoned");
             order.push_back((seq, sent_ns));
-            match client.try_publish(topic, QoS::AtLeastOnce, false, payload.into_bytes()) {
-                Ok(()) => {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => {
-                    order.pop_back();
-                    not_queued.fetch_add(1, Ordering::Relaxed);
-                }
+            if client
+                .try_publish(topic, QoS::AtLeastOnce, false, payload.into_bytes())
+                .is_err()
+            {
+                order.pop_back();
+                not_queued.fetch_add(1, Ordering::Relaxed);
             }
             true
         })
+        .await?
     };
-    let lag_max = tokio::task::spawn_blocking(move || pacer.join())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|_| "the pacer thread panicked".to_string())?;
-    let sent = sent.load(Ordering::Relaxed);
+    // Every scheduled publish was offered (the closure never stops the pacer).
+    let refused = not_queued.load(Ordering::Relaxed);
+    let sent = total - refused;
     let send_lag = std::mem::take(&mut *send_lag.lock().expect("not poisoned"));
     let until = Instant::now() + Duration::from_secs_f64(o.drain);
     while answered.load(Ordering::Relaxed) < sent && Instant::now() < until {
@@ -384,7 +379,6 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
         out.accepted.extend(r.accepted);
         out.accepted_in_window += r.accepted_in_window;
     }
-    let refused = not_queued.load(Ordering::Relaxed);
     if refused > 0 {
         *out.statuses.0.entry("not_queued".into()).or_default() += refused;
     }
