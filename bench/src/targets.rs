@@ -212,7 +212,9 @@ pub fn line(verdicts: &Value) -> String {
                 .map(num)
                 .unwrap_or_else(|| "?".into());
             match v["missed_by_percent"].as_f64() {
-                Some(pct) => format!("{head} MISSED by {by} ({pct:.1}%)"),
+                // One decimal, unless the miss is smaller (a ratio short by 0.028 %).
+                Some(pct) if pct.abs() >= 0.1 => format!("{head} MISSED by {by} ({pct:.1}%)"),
+                Some(pct) => format!("{head} MISSED by {by} ({}%)", num(pct)),
                 None => format!("{head} MISSED by {by}"),
             }
         })
@@ -356,6 +358,11 @@ mod tests {
         assert_eq!(ratio["met"], false);
         assert_eq!(ratio["measured"], 0.99982);
         assert_eq!(ratio["missed_by_percent"], 0.018);
+        assert!(
+            line(&v).ends_with("0.99982 (want >= 1) MISSED by 0.00018 (0.018%)"),
+            "{}",
+            line(&v)
+        );
         // A scenario with no target, and an empty list, print nothing.
         assert_eq!(judge(&json!({"scenario": "fanout"})), json!([]));
         assert_eq!(line(&json!([])), "");
