@@ -14,6 +14,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::db::{Db, JobError};
+use super::handoff::{Handoff, ToCommitter};
 use super::messages::*;
 use super::presence::Presence;
 use super::router::{OwnBatch, Router};
@@ -562,6 +563,23 @@ impl Handler<RecordSeen> for Committer {
             self.next.seen.push((msg.device_id, msg.at));
         }
         self.wake(ctx);
+    }
+}
+
+impl Handler<Handoff> for Committer {
+    type Result = ();
+
+    /// A worker's messages of one turn, handled in the order they were sent.
+    fn handle(&mut self, Handoff(list): Handoff, ctx: &mut Context<Self>) {
+        for msg in list {
+            match msg {
+                ToCommitter::Post(m) => Handler::handle(self, m, ctx),
+                ToCommitter::Ack(m) => Handler::handle(self, m, ctx),
+                ToCommitter::Delivered(m) => Handler::handle(self, m, ctx),
+                ToCommitter::Seen(m) => Handler::handle(self, m, ctx),
+                ToCommitter::After(m) => Handler::handle(self, m, ctx),
+            }
+        }
     }
 }
 

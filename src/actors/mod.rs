@@ -4,6 +4,7 @@
 
 pub mod committer;
 pub mod db;
+pub mod handoff;
 pub mod messages;
 pub mod node;
 pub mod presence;

@@ -22,6 +22,7 @@ use actix_web::{HttpRequest, HttpResponse};
 
 use super::committer::Committer;
 use super::db::{Db, JobError};
+use super::handoff;
 use super::messages::*;
 use super::presence::Presence;
 use super::socket::{self, Handover, OpenSockets, SharedOutbox};
@@ -273,10 +274,13 @@ impl Session {
             self.config.heartbeat.as_millis() as u64,
         );
         self.send(Message::Text(hello.into()));
-        self.deps.committer.do_send(RecordSeen {
-            device_id: self.device.device_id.clone(),
-            at: self.connected_at,
-        });
+        handoff::send(
+            &self.deps.committer,
+            RecordSeen {
+                device_id: self.device.device_id.clone(),
+                at: self.connected_at,
+            },
+        );
         self.replay_page(ctx);
     }
 
@@ -306,6 +310,16 @@ impl Session {
             return;
         }
         self.flush_delivered();
+        handoff::send(
+            &self.deps.committer,
+            RecordSeen {
+                device_id: self.device.device_id.clone(),
+                at: now_ms(),
+            },
+        );
+        // What this session sent reaches the Committer before its end is known elsewhere (a
+        // new session of the device waits for the acks written so far before its replay).
+        handoff::flush();
         let row_gone = self.config.cluster.then(|| {
             let (gone, done) = tokio::sync::oneshot::channel();
             self.offline_written = Some(done);
@@ -315,10 +329,6 @@ impl Session {
             session_id: self.id.clone(),
             device_id: self.device.device_id.clone(),
             row_gone,
-        });
-        self.deps.committer.do_send(RecordSeen {
-            device_id: self.device.device_id.clone(),
-            at: now_ms(),
         });
     }
 
@@ -431,7 +441,7 @@ impl Session {
         // so an acked notification is never replayed.
         let barrier = (after == 0).then(|| {
             let (reply, done) = tokio::sync::oneshot::channel();
-            self.deps.committer.do_send(AfterWrites { reply });
+            handoff::send(&self.deps.committer, AfterWrites { reply });
             done
         });
         async move {
@@ -586,10 +596,13 @@ impl Session {
 
     fn report_delivered(&self, seqs: Vec<i64>) {
         if !seqs.is_empty() {
-            self.deps.committer.do_send(RecordDelivered {
-                device_id: self.device.device_id.clone(),
-                seqs,
-            });
+            handoff::send(
+                &self.deps.committer,
+                RecordDelivered {
+                    device_id: self.device.device_id.clone(),
+                    seqs,
+                },
+            );
         }
     }
 
@@ -600,10 +613,13 @@ impl Session {
                 if !ids.is_empty() {
                     // Delivery marks go first, so an acked delivery also has its delivered_at.
                     self.flush_delivered();
-                    self.deps.committer.do_send(RecordAck {
-                        device_id: self.device.device_id.clone(),
-                        ids,
-                    });
+                    handoff::send(
+                        &self.deps.committer,
+                        RecordAck {
+                            device_id: self.device.device_id.clone(),
+                            ids,
+                        },
+                    );
                 }
             }
             Err(err) => {

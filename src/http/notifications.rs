@@ -15,6 +15,7 @@ use super::openapi::{
     Unavailable, Unprocessable, UserId,
 };
 use super::{parse_json, read_json_bytes, AppState, Principal};
+use crate::actors::handoff;
 use crate::actors::messages::SubmitPost;
 use crate::db::batch::{PostAnswer, PostInput, PostRejection};
 use crate::db::queries::{self, STATE_ACKED, STATE_DELIVERED};
@@ -175,11 +176,14 @@ pub async fn post(
     };
     let deadline = state.db.deadline();
     let (reply, answer) = oneshot::channel();
-    state.committer.do_send(SubmitPost {
-        post,
-        deadline,
-        reply,
-    });
+    handoff::send(
+        &state.committer,
+        SubmitPost {
+            post,
+            deadline,
+            reply,
+        },
+    );
     let wait = deadline.saturating_duration_since(Instant::now());
     let answer = match tokio::time::timeout(wait, answer).await {
         Ok(Ok(answer)) => answer,
