@@ -1,81 +1,213 @@
-//! SQLite statements of fixed text that diesel keeps prepared.
+//! SQLite batch statements whose rows are bound parameters, in chunks of a few fixed sizes, so
+//! that diesel keeps every statement prepared.
 //!
 //! diesel prepares every `sql_query` and every `UPDATE` anew on each run (both mark themselves
 //! unsafe to cache), and on SQLite a prepare — parsing, name resolution, planning — cost the
 //! writer about a quarter of its time once a batch had become a handful of statements. A
-//! [`Fixed`] statement has a static query id and a constant text, so diesel's statement cache
-//! prepares it once per connection. Its parameters are the batch's time (for every `?` but the
-//! last) and the batch's rows as one JSON array (the last `?`), which SQLite reads with
-//! `json_each`.
-
-use std::marker::PhantomData;
+//! [`Rows`] statement is safe to cache, so diesel's statement cache (keyed by the SQL text)
+//! prepares it once per connection and chunk size.
+//!
+//! Its rows are bound parameters: a batch of `n` rows runs as one statement per set bit of `n`
+//! (chunks of 256, 128, …, 1 rows; a batch over 256 rows runs as several 256-row chunks first),
+//! so a statement has at most nine texts. The rows used to travel as one JSON array read with
+//! `json_each`: writing that JSON, and SQLite parsing it back and extracting every field, was a
+//! fifth of the writer's time (docs/BENCHMARKS.md, sixth pass).
 
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{BigInt, Text, Untyped};
+use diesel::sql_types::{BigInt, Integer, Nullable, Text, Untyped};
 use diesel::sqlite::Sqlite;
 use diesel::{QueryResult, RunQueryDsl};
 
-/// The text of one fixed statement.
-pub trait FixedSql: 'static {
-    /// `?` marks the parameters: every one but the last is the batch's time, the last is the
-    /// rows as a JSON array. (No `?` may appear elsewhere in the text.)
-    const SQL: &'static str;
+/// The largest chunk: 256 rows of at most 8 parameters, far below SQLite's limit of 32,766.
+const MAX_CHUNK: usize = 256;
+
+/// The text of one batch statement: `HEAD`, then the rows, each `ROW` and separated by `", "`,
+/// then `TAIL`.
+pub trait RowsSql: 'static {
+    /// Every `?` here is the batch's time.
+    const HEAD: &'static str;
+    /// One row; its `?`s are the row's values, in order.
+    const ROW: &'static str;
+    /// No `?` here.
+    const TAIL: &'static str;
 }
 
-/// One run of the fixed statement `S`.
-pub struct Fixed<S> {
+/// A row's values.
+pub trait BindRow {
+    /// Binds the row's `i`-th value (for the `i`-th `?` of the statement's `ROW`).
+    fn bind_nth<'b>(&'b self, i: usize, out: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()>;
+}
+
+/// One run of the statement `S` over one chunk of rows.
+pub struct Rows<'a, S, R> {
     at: i64,
-    rows: String,
-    _sql: PhantomData<S>,
+    rows: &'a [R],
+    _sql: std::marker::PhantomData<S>,
 }
 
-impl<S: FixedSql> Fixed<S> {
-    /// `rows` serialized as a JSON array; `at` for the statement's other parameters.
-    pub fn new<T: serde::Serialize>(at: i64, rows: &[T]) -> Self {
-        Fixed {
+/// The chunks a batch of rows runs in: 256 rows while more than 256 are left, then one chunk per
+/// set bit of the rest, largest first.
+fn chunks<R>(mut rows: &[R]) -> impl Iterator<Item = &[R]> {
+    std::iter::from_fn(move || {
+        if rows.is_empty() {
+            return None;
+        }
+        let n = if rows.len() >= MAX_CHUNK {
+            MAX_CHUNK
+        } else {
+            1 << (usize::BITS - 1 - rows.len().leading_zeros())
+        };
+        let (chunk, rest) = rows.split_at(n);
+        rows = rest;
+        Some(chunk)
+    })
+}
+
+/// Runs `S` over `rows` (chunk by chunk) with `at` as the batch's time; returns the rows changed.
+pub fn execute<S: RowsSql, R: BindRow>(
+    conn: &mut diesel::SqliteConnection,
+    at: i64,
+    rows: &[R],
+) -> QueryResult<usize> {
+    let mut changed = 0;
+    for chunk in chunks(rows) {
+        changed += Rows::<S, R>::new(at, chunk).execute(conn)?;
+    }
+    Ok(changed)
+}
+
+/// Runs the query `S` over `rows` (chunk by chunk); returns every chunk's answer.
+pub fn load<S: RowsSql, R: BindRow, T>(
+    conn: &mut diesel::SqliteConnection,
+    rows: &[R],
+) -> QueryResult<Vec<T>>
+where
+    T: diesel::QueryableByName<Sqlite> + 'static,
+{
+    let mut all = Vec::new();
+    for chunk in chunks(rows) {
+        all.extend(Rows::<S, R>::new(0, chunk).load::<T>(conn)?);
+    }
+    Ok(all)
+}
+
+impl<'a, S: RowsSql, R: BindRow> Rows<'a, S, R> {
+    fn new(at: i64, rows: &'a [R]) -> Self {
+        Rows {
             at,
-            rows: serde_json::to_string(rows).expect("rows of strings and numbers serialize"),
-            _sql: PhantomData,
+            rows,
+            _sql: std::marker::PhantomData,
         }
     }
 }
 
-impl<S: FixedSql> QueryId for Fixed<S> {
-    type QueryId = S;
-    const HAS_STATIC_QUERY_ID: bool = true;
+impl<S, R> QueryId for Rows<'_, S, R> {
+    type QueryId = ();
+    // Cached by its text (which names the chunk size), not by type.
+    const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl<S: FixedSql> QueryFragment<Sqlite> for Fixed<S> {
+impl<S: RowsSql, R: BindRow> QueryFragment<Sqlite> for Rows<'_, S, R> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        let mut parts = S::SQL.split('?');
-        out.push_sql(parts.next().unwrap_or_default());
-        let params = S::SQL.matches('?').count();
-        for (i, part) in parts.enumerate() {
-            if i + 1 == params {
-                out.push_bind_param::<Text, _>(&self.rows)?;
-            } else {
-                out.push_bind_param::<BigInt, _>(&self.at)?;
-            }
+        let mut head = S::HEAD.split('?');
+        out.push_sql(head.next().unwrap_or_default());
+        for part in head {
+            out.push_bind_param::<BigInt, _>(&self.at)?;
             out.push_sql(part);
         }
+        let mut row = S::ROW.split('?');
+        let first = row.next().unwrap_or_default();
+        let rest: Vec<&str> = row.collect();
+        for (r, values) in self.rows.iter().enumerate() {
+            if r > 0 {
+                out.push_sql(", ");
+            }
+            out.push_sql(first);
+            for (i, part) in rest.iter().enumerate() {
+                values.bind_nth(i, &mut out)?;
+                out.push_sql(part);
+            }
+        }
+        out.push_sql(S::TAIL);
         Ok(())
     }
 }
 
-impl<S: FixedSql> Query for Fixed<S> {
+impl<S: RowsSql, R: BindRow> Query for Rows<'_, S, R> {
     type SqlType = Untyped;
 }
 
-impl<S: FixedSql, Conn> RunQueryDsl<Conn> for Fixed<S> {}
+impl<S: RowsSql, R: BindRow, Conn> RunQueryDsl<Conn> for Rows<'_, S, R> {}
 
-/// Declares fixed statements: `fixed_sql! { Name = "SQL"; … }`.
-macro_rules! fixed_sql {
-    ($($(#[$doc:meta])* $name:ident = $sql:expr;)+) => {$(
-        $(#[$doc])*
-        pub struct $name;
-        impl $crate::db::fixed::FixedSql for $name {
-            const SQL: &'static str = $sql;
+/// Implements [`BindRow`] for a tuple: `bind_row!((A: SqlTypeA, B: SqlTypeB, …) => 0, 1, …)`.
+macro_rules! bind_row {
+    ($(($($t:ty: $st:ty),+) => $($idx:tt),+;)+) => {$(
+        impl BindRow for ($($t,)+) {
+            fn bind_nth<'b>(
+                &'b self,
+                i: usize,
+                out: &mut AstPass<'_, 'b, Sqlite>,
+            ) -> QueryResult<()> {
+                match i {
+                    $($idx => out.push_bind_param::<$st, _>(&self.$idx),)+
+                    _ => Err(diesel::result::Error::QueryBuilderError(
+                        format!("no value {i} in a row").into(),
+                    )),
+                }
+            }
         }
     )+};
 }
-pub(crate) use fixed_sql;
+
+bind_row! {
+    (&str: Text, i64: BigInt) => 0, 1;
+    (&str: Text, &str: Text) => 0, 1;
+    (
+        &str: Text,
+        &str: Text,
+        i64: BigInt,
+        i64: BigInt,
+        &str: Text,
+        Option<&str>: Nullable<Text>,
+        Option<&str>: Nullable<Text>,
+        i32: Integer
+    ) => 0, 1, 2, 3, 4, 5, 6, 7;
+}
+
+impl BindRow for String {
+    fn bind_nth<'b>(&'b self, _: usize, out: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        out.push_bind_param::<Text, _>(self)
+    }
+}
+
+/// Declares batch statements: `rows_sql! { Name = (HEAD, ROW, TAIL); … }`.
+macro_rules! rows_sql {
+    ($($(#[$doc:meta])* $name:ident = ($head:expr, $row:expr, $tail:expr);)+) => {$(
+        $(#[$doc])*
+        pub struct $name;
+        impl $crate::db::fixed::RowsSql for $name {
+            const HEAD: &'static str = $head;
+            const ROW: &'static str = $row;
+            const TAIL: &'static str = $tail;
+        }
+    )+};
+}
+pub(crate) use rows_sql;
+
+#[cfg(test)]
+mod tests {
+    use super::chunks;
+
+    #[test]
+    fn a_batch_runs_in_chunks_of_fixed_sizes() {
+        let sizes = |n: usize| -> Vec<usize> {
+            let rows = vec![0u8; n];
+            chunks(&rows).map(<[u8]>::len).collect()
+        };
+        assert_eq!(sizes(0), Vec::<usize>::new());
+        assert_eq!(sizes(1), vec![1]);
+        assert_eq!(sizes(7), vec![4, 2, 1]);
+        assert_eq!(sizes(256), vec![256]);
+        assert_eq!(sizes(600), vec![256, 256, 64, 16, 8]);
+    }
+}

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use diesel::prelude::*;
 
-use super::fixed::{fixed_sql, Fixed};
+use super::fixed::{self, rows_sql};
 use super::schema::{deliveries, devices, notifications, service_keys};
 use super::DbConn;
 
@@ -81,69 +81,83 @@ struct IdSeq {
     seq: i64,
 }
 
-fixed_sql! {
-    /// Rows `[id, poster, created_at, expires_at, payload, idempotency_key, request_hash,
-    /// device_count]`, inserted in array order (so `seq` follows it).
-    InsertNotifications = concat!(
-        "INSERT INTO notifications (id, poster, created_at, expires_at, payload, ",
-        "idempotency_key, request_hash, device_count) ",
-        "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, ",
-        "value->>7 FROM json_each(?) ORDER BY key RETURNING id, seq"
+rows_sql! {
+    /// Rows `(id, poster, created_at, expires_at, payload, idempotency_key, request_hash,
+    /// device_count)`.
+    InsertNotifications = (
+        concat!(
+            "INSERT INTO notifications (id, poster, created_at, expires_at, payload, ",
+            "idempotency_key, request_hash, device_count) VALUES "
+        ),
+        "(?, ?, ?, ?, ?, ?, ?, ?)",
+        " RETURNING id, seq"
     );
-    /// Rows `[device_id, notification_seq]`.
-    InsertDeliveries = concat!(
-        "INSERT INTO deliveries (device_id, notification_seq, state) ",
-        "SELECT value->>0, value->>1, 0 FROM json_each(?)"
+    /// Rows `(device_id, notification_seq)`.
+    InsertDeliveries = (
+        "INSERT INTO deliveries (device_id, notification_seq, state) VALUES ",
+        "(?, ?, 0)",
+        ""
     );
-    /// Rows `[device_id, notification_seq]`; pending ones become delivered at the batch's time.
-    MarkDelivered = concat!(
-        "UPDATE deliveries SET state = 1, delivered_at = ? ",
-        "FROM (SELECT value->>0 AS device_id, value->>1 AS seq FROM json_each(?)) AS m ",
-        "WHERE deliveries.device_id = m.device_id AND deliveries.notification_seq = m.seq ",
-        "AND deliveries.state = 0"
+    /// Rows `(device_id, notification_seq)`; pending ones become delivered at the batch's time.
+    MarkDelivered = (
+        "UPDATE deliveries SET state = 1, delivered_at = ? FROM (VALUES ",
+        "(?, ?)",
+        concat!(
+            ") AS m WHERE deliveries.device_id = m.column1 ",
+            "AND deliveries.notification_seq = m.column2 AND deliveries.state = 0"
+        )
     );
-    /// Rows `[device_id, notification id]`; pending ones become delivered and acked.
-    AckPending = concat!(
-        "UPDATE deliveries SET state = 2, acked_at = ?, delivered_at = ? ",
-        "FROM (SELECT value->>0 AS device_id, value->>1 AS id FROM json_each(?)) AS a ",
-        "JOIN notifications n ON n.id = a.id ",
-        "WHERE deliveries.device_id = a.device_id AND deliveries.notification_seq = n.seq ",
-        "AND deliveries.state = 0"
+    /// Rows `(device_id, notification id)`; pending ones become delivered and acked.
+    AckPending = (
+        "UPDATE deliveries SET state = 2, acked_at = ?, delivered_at = ? FROM (VALUES ",
+        "(?, ?)",
+        concat!(
+            ") AS a JOIN notifications n ON n.id = a.column2 ",
+            "WHERE deliveries.device_id = a.column1 AND deliveries.notification_seq = n.seq ",
+            "AND deliveries.state = 0"
+        )
     );
-    /// Rows `[device_id, notification id]`; delivered ones become acked.
-    AckDelivered = concat!(
-        "UPDATE deliveries SET state = 2, acked_at = ? ",
-        "FROM (SELECT value->>0 AS device_id, value->>1 AS id FROM json_each(?)) AS a ",
-        "JOIN notifications n ON n.id = a.id ",
-        "WHERE deliveries.device_id = a.device_id AND deliveries.notification_seq = n.seq ",
-        "AND deliveries.state = 1"
+    /// Rows `(device_id, notification id)`; delivered ones become acked.
+    AckDelivered = (
+        "UPDATE deliveries SET state = 2, acked_at = ? FROM (VALUES ",
+        "(?, ?)",
+        concat!(
+            ") AS a JOIN notifications n ON n.id = a.column2 ",
+            "WHERE deliveries.device_id = a.column1 AND deliveries.notification_seq = n.seq ",
+            "AND deliveries.state = 1"
+        )
     );
-    /// Rows `[device_id, ms]`; the latest time per device wins.
-    TouchLastSeen = concat!(
-        "UPDATE devices SET last_seen = s.at ",
-        "FROM (SELECT value->>0 AS id, max(value->>1) AS at FROM json_each(?) GROUP BY 1) AS s ",
-        "WHERE devices.id = s.id"
+    /// Rows `(device_id, ms)`; the latest time per device wins.
+    TouchLastSeen = (
+        concat!(
+            "UPDATE devices SET last_seen = s.at FROM (SELECT column1 AS id, ",
+            "max(column2) AS at FROM (VALUES "
+        ),
+        "(?, ?)",
+        ") GROUP BY 1) AS s WHERE devices.id = s.id"
     );
     /// Rows: device ids; answers the live ones.
-    LiveDevices = concat!(
-        "SELECT id FROM devices WHERE revoked_at IS NULL ",
-        "AND id IN (SELECT value FROM json_each(?))"
+    LiveDevices = (
+        "SELECT id FROM devices WHERE revoked_at IS NULL AND id IN (",
+        "?",
+        ")"
     );
     /// Rows: user ids; answers their live devices as `(user_id, id)`.
-    DevicesOfUsers = concat!(
-        "SELECT user_id, id FROM devices WHERE revoked_at IS NULL ",
-        "AND user_id IN (SELECT value FROM json_each(?))"
+    DevicesOfUsers = (
+        "SELECT user_id, id FROM devices WHERE revoked_at IS NULL AND user_id IN (",
+        "?",
+        ")"
     );
 }
 
-/// A device id (SQLite's fixed statements).
+/// A device id (SQLite's batch statements).
 #[derive(QueryableByName)]
 struct IdRow {
     #[diesel(sql_type = diesel::sql_types::Text)]
     id: String,
 }
 
-/// A device and its user (SQLite's fixed statements).
+/// A device and its user (SQLite's batch statements).
 #[derive(QueryableByName)]
 struct UserDevice {
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -270,8 +284,7 @@ pub fn revoke_device(conn: &mut DbConn, id: &str, now: i64) -> QueryResult<Optio
 /// Of these device ids, the ones that name live devices.
 pub fn live_device_ids(conn: &mut DbConn, ids: &[String]) -> QueryResult<Vec<String>> {
     match conn {
-        DbConn::Sqlite(c) => Ok(Fixed::<LiveDevices>::new(0, ids)
-            .load::<IdRow>(c)?
+        DbConn::Sqlite(c) => Ok(fixed::load::<LiveDevices, _, IdRow>(c, ids)?
             .into_iter()
             .map(|r| r.id)
             .collect()),
@@ -289,8 +302,7 @@ pub fn devices_of_users(
     user_ids: &[String],
 ) -> QueryResult<Vec<(String, String)>> {
     match conn {
-        DbConn::Sqlite(c) => Ok(Fixed::<DevicesOfUsers>::new(0, user_ids)
-            .load::<UserDevice>(c)?
+        DbConn::Sqlite(c) => Ok(fixed::load::<DevicesOfUsers, _, UserDevice>(c, user_ids)?
             .into_iter()
             .map(|r| (r.user_id, r.id))
             .collect()),
@@ -335,7 +347,7 @@ pub fn insert_notifications(
                 seqs.extend(chunk.iter().map(|r| by_id[r.id]));
             }
         }
-        // One statement for the batch; rows are inserted in array order, so `seq` follows it.
+        // A few cached statements (`fixed`'s chunks), the seqs matched back by id.
         DbConn::Sqlite(c) => {
             let values: Vec<_> = rows
                 .iter()
@@ -352,7 +364,7 @@ pub fn insert_notifications(
                     )
                 })
                 .collect();
-            let created: Vec<IdSeq> = Fixed::<InsertNotifications>::new(0, &values).load(c)?;
+            let created: Vec<IdSeq> = fixed::load::<InsertNotifications, _, _>(c, &values)?;
             let by_id: HashMap<String, i64> = created.into_iter().map(|r| (r.id, r.seq)).collect();
             seqs.extend(rows.iter().map(|r| by_id[r.id]));
         }
@@ -370,10 +382,10 @@ pub fn insert_deliveries(conn: &mut DbConn, rows: &[(&str, i64)]) -> QueryResult
         )
     };
     match conn {
-        // One statement of fixed text for the whole batch (diesel prepares every INSERT and
-        // UPDATE anew, so a statement per row costs a parse per row).
+        // A few cached statements for the whole batch (`fixed`'s chunks; diesel would prepare
+        // an INSERT of its own anew on every run).
         DbConn::Sqlite(c) => {
-            Fixed::<InsertDeliveries>::new(0, rows).execute(c)?;
+            fixed::execute::<InsertDeliveries, _>(c, 0, rows)?;
         }
         // A round trip per statement: one multi-row INSERT per 10,000 rows (3 parameters a row,
         // far below PostgreSQL's 65,535).
@@ -456,7 +468,7 @@ pub fn pending_for_device(
 //
 // On PostgreSQL every statement is a network round trip, so a batch's marks, acks and last-seen
 // times each go in one statement over `unnest`ed arrays. On SQLite statements are in-process
-// calls, and one cached statement per row is cheapest.
+// calls: each goes as a few cached statements with the rows as bound parameters (`fixed`).
 
 /// Marks many devices' notifications as written to their sockets; returns the rows changed.
 pub fn mark_delivered_all(
@@ -490,7 +502,7 @@ pub fn mark_delivered_all(
                 .iter()
                 .flat_map(|(d, seqs)| seqs.iter().map(move |s| (d.as_str(), *s)))
                 .collect();
-            Fixed::<MarkDelivered>::new(at, &pairs).execute(c)
+            fixed::execute::<MarkDelivered, _>(c, at, &pairs)
         }
     }
 }
@@ -546,8 +558,8 @@ pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> Qu
                 .iter()
                 .flat_map(|(d, ids)| ids.iter().map(move |i| (d.as_str(), i.as_str())))
                 .collect();
-            done.delivered = Fixed::<AckPending>::new(at, &pairs).execute(c)?;
-            done.acked = done.delivered + Fixed::<AckDelivered>::new(at, &pairs).execute(c)?;
+            done.delivered = fixed::execute::<AckPending, _>(c, at, &pairs)?;
+            done.acked = done.delivered + fixed::execute::<AckDelivered, _>(c, at, &pairs)?;
         }
     }
     Ok(done)
@@ -573,7 +585,16 @@ pub fn touch_last_seen_all(conn: &mut DbConn, seen: &[(String, i64)]) -> QueryRe
             .execute(c)
             .map(drop)
         }
-        DbConn::Sqlite(c) => Fixed::<TouchLastSeen>::new(0, seen).execute(c).map(drop),
+        DbConn::Sqlite(c) => {
+            // One row per device, so the latest time wins across the statement's chunks too.
+            let mut latest: HashMap<&str, i64> = HashMap::with_capacity(seen.len());
+            for (d, at) in seen {
+                let t = latest.entry(d.as_str()).or_insert(*at);
+                *t = (*t).max(*at);
+            }
+            let rows: Vec<(&str, i64)> = latest.into_iter().collect();
+            fixed::execute::<TouchLastSeen, _>(c, 0, &rows).map(drop)
+        }
     }
 }
 
