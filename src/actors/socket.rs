@@ -33,6 +33,7 @@ use actix_http::ws::{Codec, Frame, Message, ProtocolError};
 use actix_web::rt::net::TcpStream;
 use actix_web::web::{Buf, BytesMut};
 use futures_util::Stream;
+use tokio::io::Interest;
 use tokio::time::Sleep;
 
 /// Bytes encoded per write: the writer holds at most about this much beyond the outbox's count,
@@ -384,9 +385,19 @@ impl FrameStream {
             }
             // Room for a read only now: between frames the buffer holds no memory.
             self.buf.reserve(READ_CHUNK);
+            let room = self.buf.capacity() - self.buf.len();
             match self.conn.stream.try_read_buf(&mut self.buf) {
                 Ok(0) => self.ended = true,
-                Ok(_) => {
+                Ok(n) => {
+                    if n < room {
+                        // A short read emptied the socket: forget its readiness now (as tokio's
+                        // own `poll_read` does) instead of learning it from one more read that
+                        // fails with `WouldBlock`. Data that comes later is a new edge from
+                        // epoll, which makes the socket ready again.
+                        let _ = self.conn.stream.try_io(Interest::READABLE, || {
+                            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                        });
+                    }
                     if let Some(frame) = self.decode()? {
                         return Poll::Ready(Some(Ok(frame)));
                     }
