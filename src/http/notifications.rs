@@ -89,7 +89,7 @@ fn validate(body: PostBody) -> Result<(Vec<String>, Vec<String>, String, i64), A
     // nested at most 128 deep and with no lone UTF-16 surrogate in its escapes (serde_json's
     // rules, and within what common parsers accept). Otherwise a device could not parse the
     // notification, so could never ack it, and would get it again on every reconnect.
-    if let Err(e) = serde_json::from_str::<serde_json::Value>(payload) {
+    if let Err(e) = serde_json::from_str::<ReadableJson>(payload) {
         return Err(ApiError::unprocessable(
             "invalid_request",
             format!("payload: not JSON that devices can read back ({e})"),
@@ -97,6 +97,61 @@ fn validate(body: PostBody) -> Result<(Vec<String>, Vec<String>, String, i64), A
     }
     let ttl = domain::parse_ttl(body.ttl_seconds)?;
     Ok((user_ids, device_ids, payload.to_owned(), ttl * 1000))
+}
+
+/// Any JSON value, read through and dropped as it is read: the payload check of [`validate`]
+/// without building a `serde_json::Value` (a node and an allocation per value). It goes through
+/// the same parser paths as a `Value` does — every string and key decoded, so a lone surrogate is
+/// an error; arrays and objects nested at most 128 deep — and so accepts exactly what a `Value`
+/// accepts.
+struct ReadableJson;
+
+impl<'de> Deserialize<'de> for ReadableJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ReadableJson)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ReadableJson {
+    type Value = ReadableJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(ReadableJson)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(ReadableJson)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(ReadableJson)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(ReadableJson)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(ReadableJson)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(ReadableJson)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<ReadableJson>()?.is_some() {}
+        Ok(ReadableJson)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<ReadableJson, ReadableJson>()?.is_some() {}
+        Ok(ReadableJson)
+    }
 }
 
 /// What `POST /v1/notifications` does to a body before it touches the database (parse, then the
@@ -344,4 +399,45 @@ pub async fn status(
         payload,
         deliveries,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadableJson;
+
+    /// The payload check accepts exactly what parsing into a `serde_json::Value` accepts.
+    #[test]
+    fn readable_json_accepts_what_a_value_accepts() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let cases = [
+            r#"{"a":1,"b":[true,false,null],"c":{"d":"e"}}"#.to_string(),
+            r#""plain""#.into(),
+            r#""\ud83d\ude00 and \n escapes""#.into(),
+            r#""\ud800 lone""#.into(),
+            r#"{"\udc00":1}"#.into(),
+            r#"{"a":1,"a":2}"#.into(),
+            "1e400".into(),
+            "-0.5e-3".into(),
+            "18446744073709551616".into(),
+            "[1,]".into(),
+            "{\"a\" 1}".into(),
+            "\"unterminated".into(),
+            "".into(),
+            "nul".into(),
+            deep(128),
+            deep(129),
+        ];
+        for case in &cases {
+            let as_value = serde_json::from_str::<serde_json::Value>(case).is_ok();
+            let checked = serde_json::from_str::<ReadableJson>(case).is_ok();
+            assert_eq!(checked, as_value, "{case:?}");
+        }
+        // The cases cover both answers.
+        assert!(cases
+            .iter()
+            .any(|c| serde_json::from_str::<ReadableJson>(c).is_ok()));
+        assert!(cases
+            .iter()
+            .any(|c| serde_json::from_str::<ReadableJson>(c).is_err()));
+    }
 }
