@@ -65,15 +65,11 @@ thread_local! {
     static PENDING: RefCell<Pending> = RefCell::default();
 }
 
-/// Queues `msg` for `committer`; it is handed over at the end of this turn of the event loop
-/// (or sooner, by [`flush`]). Must be called on a thread with an actix/tokio local task set (a
-/// worker or an arbiter); elsewhere the message is sent at once.
+/// Queues `msg` for `committer`; it is handed over at the end of this turn of the thread's event
+/// loop (or sooner, by [`flush`]). On a thread without a running arbiter (none of Herald's
+/// senders, but a session dropped while its thread shuts down could be) it is handed over at once.
 pub fn send(committer: &Addr<Committer>, msg: impl Into<ToCommitter>) {
     let msg = msg.into();
-    if tokio::runtime::Handle::try_current().is_err() {
-        committer.do_send(Handoff(vec![msg]));
-        return;
-    }
     let schedule = PENDING.with(|p| {
         let mut p = p.borrow_mut();
         match p.lists.iter_mut().find(|(a, _)| a == committer) {
@@ -82,8 +78,10 @@ pub fn send(committer: &Addr<Committer>, msg: impl Into<ToCommitter>) {
         }
         !std::mem::replace(&mut p.scheduled, true)
     });
-    if schedule {
-        actix_web::rt::spawn(async { flush() });
+    // Through the arbiter, which spawns the flush after the tasks already queued; it never
+    // panics (`spawn_local` would, outside a local task set).
+    if schedule && !Arbiter::try_current().is_some_and(|a| a.spawn(async { flush() })) {
+        flush();
     }
 }
 
