@@ -102,9 +102,37 @@ fn validate(body: PostBody) -> Result<(Vec<String>, Vec<String>, String, i64), A
 /// Any JSON value, read through and dropped as it is read: the payload check of [`validate`]
 /// without building a `serde_json::Value` (a node and an allocation per value). It goes through
 /// the same parser paths as a `Value` does — every string and key decoded, so a lone surrogate is
-/// an error; arrays and objects nested at most 128 deep — and so accepts exactly what a `Value`
-/// accepts.
+/// an error; arrays and objects nested at most 128 deep — and accepts what a `Value` accepts,
+/// except an object whose first key is serde_json's private raw-value marker (which a `Value`
+/// reads specially, and which a device parsing with serde_json's `raw_value` feature could not
+/// read back as an object): such a payload is refused.
 struct ReadableJson;
+
+/// The key serde_json (with `raw_value`) treats as a raw value when it comes first in an object.
+const RAW_VALUE_MARKER: &str = "$serde_json::private::RawValue";
+
+/// Reads an object's first key: whether it is [`RAW_VALUE_MARKER`].
+struct IsRawValueMarker;
+
+impl<'de> serde::de::DeserializeSeed<'de> for IsRawValueMarker {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for IsRawValueMarker {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<bool, E> {
+        Ok(key == RAW_VALUE_MARKER)
+    }
+}
 
 impl<'de> Deserialize<'de> for ReadableJson {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -149,6 +177,15 @@ impl<'de> serde::de::Visitor<'de> for ReadableJson {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        match map.next_key_seed(IsRawValueMarker)? {
+            None => return Ok(ReadableJson),
+            Some(true) => {
+                return Err(serde::de::Error::custom(format!(
+                    "the key {RAW_VALUE_MARKER:?} is reserved"
+                )))
+            }
+            Some(false) => map.next_value::<ReadableJson>()?,
+        };
         while map.next_entry::<ReadableJson, ReadableJson>()?.is_some() {}
         Ok(ReadableJson)
     }
@@ -405,7 +442,8 @@ pub async fn status(
 mod tests {
     use super::ReadableJson;
 
-    /// The payload check accepts exactly what parsing into a `serde_json::Value` accepts.
+    /// The payload check accepts what parsing into a `serde_json::Value` accepts (but for
+    /// serde_json's raw-value marker, below).
     #[test]
     fn readable_json_accepts_what_a_value_accepts() {
         let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
@@ -432,6 +470,23 @@ mod tests {
             let checked = serde_json::from_str::<ReadableJson>(case).is_ok();
             assert_eq!(checked, as_value, "{case:?}");
         }
+        // serde_json's private raw-value marker as the first key is refused, whatever follows
+        // (a `Value` would read `{"…": "1"}` as the number 1); later in an object it is a key.
+        for marked in [
+            r#"{"$serde_json::private::RawValue":"1"}"#,
+            r#"{"$serde_json::private::RawValue":"x"}"#,
+            r#"{"$serde_json::private::RawValue":1,"a":2}"#,
+            r#"[{"$serde_json::private::RawValue":"{}"}]"#,
+        ] {
+            assert!(
+                serde_json::from_str::<ReadableJson>(marked).is_err(),
+                "{marked}"
+            );
+        }
+        assert!(serde_json::from_str::<ReadableJson>(
+            r#"{"a":1,"$serde_json::private::RawValue":2}"#
+        )
+        .is_ok());
         // The cases cover both answers.
         assert!(cases
             .iter()
