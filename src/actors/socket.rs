@@ -386,18 +386,28 @@ impl FrameStream {
             // Room for a read only now: between frames the buffer holds no memory.
             self.buf.reserve(READ_CHUNK);
             let room = self.buf.capacity() - self.buf.len();
-            match self.conn.stream.try_read_buf(&mut self.buf) {
+            // The read runs inside `try_io`, whose readiness snapshot is taken before it: a read
+            // shorter than the room given has emptied the socket, and answering `WouldBlock`
+            // clears that snapshot's readiness (as tokio's own `poll_read` does) instead of
+            // learning it from one more read. Data that comes after the snapshot is a newer
+            // readiness event, which this does not clear.
+            let mut got = None;
+            let read = self.conn.stream.try_io(Interest::READABLE, || {
+                let n = self.conn.stream.try_read_buf(&mut self.buf)?;
+                got = Some(n);
+                if n > 0 && n < room {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(n)
+                }
+            });
+            let read = match (read, got) {
+                (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+                (read, _) => read,
+            };
+            match read {
                 Ok(0) => self.ended = true,
-                Ok(n) => {
-                    if n < room {
-                        // A short read emptied the socket: forget its readiness now (as tokio's
-                        // own `poll_read` does) instead of learning it from one more read that
-                        // fails with `WouldBlock`. Data that comes later is a new edge from
-                        // epoll, which makes the socket ready again.
-                        let _ = self.conn.stream.try_io(Interest::READABLE, || {
-                            Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                        });
-                    }
+                Ok(_) => {
                     if let Some(frame) = self.decode()? {
                         return Poll::Ready(Some(Ok(frame)));
                     }
