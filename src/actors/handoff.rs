@@ -11,7 +11,8 @@
 //! Order is kept: one thread's messages reach the Committer in the order they were sent (one
 //! list per thread), so a session's delivery marks still come before its acks, and a barrier
 //! ([`AfterWrites`]) still comes after the writes sent before it. A session that ends calls
-//! [`flush`], so what it sent is with the Committer before its end is known anywhere else.
+//! [`flush`], so what it sent is with the Committer before its end is known anywhere else; a
+//! thread that ends hands over whatever it still holds.
 
 use std::cell::RefCell;
 
@@ -55,10 +56,21 @@ pub struct Handoff(pub Vec<ToCommitter>);
 /// This thread's messages not yet handed over, per Committer (one per server; a process that
 /// runs several servers, as the tests do, has one list per server here).
 #[derive(Default)]
-struct Pending {
-    lists: Vec<(Addr<Committer>, Vec<ToCommitter>)>,
-    /// A flush task is scheduled on this thread.
-    scheduled: bool,
+struct Pending(Vec<(Addr<Committer>, Vec<ToCommitter>)>);
+
+impl Pending {
+    fn hand_over(&mut self) {
+        for (committer, list) in std::mem::take(&mut self.0) {
+            committer.do_send(Handoff(list));
+        }
+    }
+}
+
+/// A thread that ends (a worker stopping with a flush still scheduled) hands over what it held.
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.hand_over();
+    }
 }
 
 thread_local! {
@@ -70,13 +82,15 @@ thread_local! {
 /// senders, but a session dropped while its thread shuts down could be) it is handed over at once.
 pub fn send(committer: &Addr<Committer>, msg: impl Into<ToCommitter>) {
     let msg = msg.into();
+    // The first message since the last flush schedules the next one.
     let schedule = PENDING.with(|p| {
-        let mut p = p.borrow_mut();
-        match p.lists.iter_mut().find(|(a, _)| a == committer) {
+        let lists = &mut p.borrow_mut().0;
+        let first = lists.is_empty();
+        match lists.iter_mut().find(|(a, _)| a == committer) {
             Some((_, list)) => list.push(msg),
-            None => p.lists.push((committer.clone(), vec![msg])),
+            None => lists.push((committer.clone(), vec![msg])),
         }
-        !std::mem::replace(&mut p.scheduled, true)
+        first
     });
     // Through the arbiter, which spawns the flush after the tasks already queued; it never
     // panics (`spawn_local` would, outside a local task set).
@@ -87,12 +101,7 @@ pub fn send(committer: &Addr<Committer>, msg: impl Into<ToCommitter>) {
 
 /// Hands everything this thread has queued over now.
 pub fn flush() {
-    let lists = PENDING.with(|p| {
-        let mut p = p.borrow_mut();
-        p.scheduled = false;
-        std::mem::take(&mut p.lists)
-    });
-    for (committer, list) in lists {
-        committer.do_send(Handoff(list));
-    }
+    // Taken out first: the sends run with the thread's queue free again.
+    let mut taken = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    taken.hand_over();
 }

@@ -248,9 +248,6 @@ impl Actor for Session {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.out.finish();
-        // Anything this thread still holds for the Committer (a mark reported after `leave`,
-        // say) goes now: the thread may be stopping, and its scheduled flush with it.
-        handoff::flush();
         let secs = (now_ms() - self.connected_at) as f64 / 1000.0;
         log::info!(
             "session {} ended: device {} after {secs:.1}s, close {} ({})",
