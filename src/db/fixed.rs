@@ -115,15 +115,13 @@ impl<S: RowsSql, R: BindRow> QueryFragment<Sqlite> for Rows<'_, S, R> {
             out.push_bind_param::<BigInt, _>(&self.at)?;
             out.push_sql(part);
         }
-        let mut row = S::ROW.split('?');
-        let first = row.next().unwrap_or_default();
-        let rest: Vec<&str> = row.collect();
         for (r, values) in self.rows.iter().enumerate() {
             if r > 0 {
                 out.push_sql(", ");
             }
-            out.push_sql(first);
-            for (i, part) in rest.iter().enumerate() {
+            let mut parts = S::ROW.split('?');
+            out.push_sql(parts.next().unwrap_or_default());
+            for (i, part) in parts.enumerate() {
                 values.bind_nth(i, &mut out)?;
                 out.push_sql(part);
             }

@@ -127,14 +127,11 @@ rows_sql! {
             "AND deliveries.state = 1"
         )
     );
-    /// Rows `(device_id, ms)`; the latest time per device wins.
+    /// Rows `(device_id, ms)`, one per device (the caller keeps each device's latest).
     TouchLastSeen = (
-        concat!(
-            "UPDATE devices SET last_seen = s.at FROM (SELECT column1 AS id, ",
-            "max(column2) AS at FROM (VALUES "
-        ),
+        "UPDATE devices SET last_seen = s.column2 FROM (VALUES ",
         "(?, ?)",
-        ") GROUP BY 1) AS s WHERE devices.id = s.id"
+        ") AS s WHERE devices.id = s.column1"
     );
     /// Rows: device ids; answers the live ones.
     LiveDevices = (
