@@ -465,8 +465,8 @@ pub struct BatchDelivery {
 /// The unacked deliveries of notifications `lo..=hi`, in `seq` order.
 pub fn batch_deliveries(conn: &mut DbConn, lo: i64, hi: i64) -> QueryResult<Vec<BatchDelivery>> {
     sql_query(
-        // Driven from `deliveries` by its `notification_seq` index, so the plan stays an index
-        // range scan even before PostgreSQL has statistics on the tables.
+        // Driven from `deliveries` by its key, whose prefix is `notification_seq`, so the plan
+        // stays an index range scan even before PostgreSQL has statistics on the tables.
         "SELECT n.seq, n.id, n.created_at, n.expires_at, n.payload, d.device_id \
          FROM deliveries d JOIN notifications n ON n.seq = d.notification_seq \
          WHERE d.notification_seq BETWEEN $1 AND $2 AND d.state < 2 \
