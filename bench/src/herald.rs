@@ -816,11 +816,15 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
         let ctx = ctx.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(instant_at(window.0).into()).await;
+            // Each sample's time is taken with its CPU reading, before the stats round trip
+            // (which under load can take milliseconds).
             let pa = post_node_stats(&ctx).await;
-            let a = (ctx.server_sample(), server_stats(&ctx).await, now_ns());
+            let (sample, t) = (ctx.server_sample(), now_ns());
+            let a = (sample, server_stats(&ctx).await, t);
             tokio::time::sleep_until(instant_at(window.1).into()).await;
             let pb = post_node_stats(&ctx).await;
-            let b = (ctx.server_sample(), server_stats(&ctx).await, now_ns());
+            let (sample, t) = (ctx.server_sample(), now_ns());
+            let b = (sample, server_stats(&ctx).await, t);
             (a, b, (pa, pb))
         })
     };
@@ -869,7 +873,11 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
     let client_cpu_after = net::cpu_seconds(std::process::id());
     let ((srv_a, stats_a, ta), (srv_b, stats_b, tb), (post_a, post_b)) =
         sampler.await.map_err(|e| e.to_string())?;
-    let window_s = (tb - ta) as f64 / 1e9;
+    // What the client counts (receipts, acks, answers) is counted by timestamp inside the nominal
+    // window, so it is divided by the nominal window; the server's counters and CPU are read at
+    // the two samples, so they are divided by the time between those.
+    let window_s = (window.1 - window.0) as f64 / 1e9;
+    let sampled_s = (tb - ta) as f64 / 1e9;
 
     // Drain: wait until every accepted post reached every online target.
     let expected_online: u64 = out
@@ -1020,11 +1028,11 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
         "posts_accepted_per_s": round(out.accepted_in_window as f64 / window_s, 1),
         "deliveries_per_s": round(c.recv_in_window as f64 / window_s, 1),
         "acks_per_s": round(c.acks_in_window as f64 / window_s, 1),
-        "server_accepted_per_s": delta_rate(&stats_a, &stats_b, &["notifications", "accepted"], window_s),
-        "server_delivered_per_s": delta_rate(&stats_a, &stats_b, &["notifications", "delivered"], window_s),
-        "server_acked_per_s": delta_rate(&stats_a, &stats_b, &["notifications", "acked"], window_s),
-        "server_write_transactions_per_s": delta_rate(&stats_a, &stats_b, &["writes", "transactions"], window_s),
-        "post_node_accepted_per_s": delta_rate(&post_a, &post_b, &["notifications", "accepted"], window_s),
+        "server_accepted_per_s": delta_rate(&stats_a, &stats_b, &["notifications", "accepted"], sampled_s),
+        "server_delivered_per_s": delta_rate(&stats_a, &stats_b, &["notifications", "delivered"], sampled_s),
+        "server_acked_per_s": delta_rate(&stats_a, &stats_b, &["notifications", "acked"], sampled_s),
+        "server_write_transactions_per_s": delta_rate(&stats_a, &stats_b, &["writes", "transactions"], sampled_s),
+        "post_node_accepted_per_s": delta_rate(&post_a, &post_b, &["notifications", "accepted"], sampled_s),
     });
     let report = json!({
         "scenario": if replay { "replay" } else { "deliver" },
@@ -1042,6 +1050,7 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
             "handshake": conn_lat.summary(),
         },
         "window_s": round(window_s, 3),
+        "sampled_s": round(sampled_s, 3),
         "window_unix_ns": [window.0, window.1],
         "rates": rates,
         "http_status": out.statuses.json(),
@@ -1076,7 +1085,7 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
             "rss_kib_window_start": srv_a.0,
             "rss_kib_window_end": srv_b.0,
             "cpu_s_in_window": cpu_window.map(|x| round(x, 3)),
-            "cpu_cores_used": cpu_window.map(|x| round(x / window_s, 3)),
+            "cpu_cores_used": cpu_window.map(|x| round(x / sampled_s, 3)),
             "cpu_us_per_delivery": cpu_per_delivery_us,
             "cpu_us_per_received_delivery": cpu_per_delivery_client_us,
             "stats_before": stats_before,
