@@ -4,8 +4,10 @@
 //! diesel prepares every `sql_query` and every `UPDATE` anew on each run (both mark themselves
 //! unsafe to cache), and on SQLite a prepare — parsing, name resolution, planning — cost the
 //! writer about a quarter of its time once a batch had become a handful of statements. A
-//! [`Rows`] statement is safe to cache, so diesel's statement cache (keyed by the SQL text)
-//! prepares it once per connection and chunk size.
+//! [`Rows`] statement is safe to cache, and its type names the statement and the chunk size, so
+//! diesel's statement cache finds it by type id: it is prepared once per connection and chunk
+//! size, and its text is built only then (a cache keyed by text would build and hash the text on
+//! every run, ~6 % of the writer's time).
 //!
 //! Its rows are bound parameters: a batch of `n` rows runs as one statement per set bit of `n`
 //! (chunks of 256, 128, …, 1 rows; a batch over 256 rows runs as several 256-row chunks first),
@@ -38,11 +40,62 @@ pub trait BindRow {
     fn bind_nth<'b>(&'b self, i: usize, out: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()>;
 }
 
-/// One run of the statement `S` over one chunk of rows.
-pub struct Rows<'a, S, R> {
+/// One run of the statement `S` over one chunk of `N` rows.
+pub struct Rows<'a, S, R, const N: usize> {
     at: i64,
     rows: &'a [R],
     _sql: std::marker::PhantomData<S>,
+}
+
+/// The cache key of `Rows<S, _, N>`: the statement and the chunk size fix its text.
+pub struct ChunkOf<S, const N: usize>(std::marker::PhantomData<S>);
+
+/// Runs `$run` on `$chunk` as a [`Rows`] of its size (one of the sizes [`chunks`] yields).
+macro_rules! sized {
+    ($chunk:expr, $at:expr, |$rows:ident| $run:expr) => {{
+        let (chunk, at) = ($chunk, $at);
+        match chunk.len() {
+            256 => {
+                let $rows = Rows::<S, R, 256>::new(at, chunk);
+                $run
+            }
+            128 => {
+                let $rows = Rows::<S, R, 128>::new(at, chunk);
+                $run
+            }
+            64 => {
+                let $rows = Rows::<S, R, 64>::new(at, chunk);
+                $run
+            }
+            32 => {
+                let $rows = Rows::<S, R, 32>::new(at, chunk);
+                $run
+            }
+            16 => {
+                let $rows = Rows::<S, R, 16>::new(at, chunk);
+                $run
+            }
+            8 => {
+                let $rows = Rows::<S, R, 8>::new(at, chunk);
+                $run
+            }
+            4 => {
+                let $rows = Rows::<S, R, 4>::new(at, chunk);
+                $run
+            }
+            2 => {
+                let $rows = Rows::<S, R, 2>::new(at, chunk);
+                $run
+            }
+            1 => {
+                let $rows = Rows::<S, R, 1>::new(at, chunk);
+                $run
+            }
+            n => Err(diesel::result::Error::QueryBuilderError(
+                format!("no batch statement for a chunk of {n} rows").into(),
+            )),
+        }
+    }};
 }
 
 /// The chunks a batch of rows runs in: 256 rows while more than 256 are left, then one chunk per
@@ -71,7 +124,7 @@ pub fn execute<S: RowsSql, R: BindRow>(
 ) -> QueryResult<usize> {
     let mut changed = 0;
     for chunk in chunks(rows) {
-        changed += Rows::<S, R>::new(at, chunk).execute(conn)?;
+        changed += sized!(chunk, at, |r| r.execute(conn))?;
     }
     Ok(changed)
 }
@@ -86,13 +139,14 @@ where
 {
     let mut all = Vec::new();
     for chunk in chunks(rows) {
-        all.extend(Rows::<S, R>::new(0, chunk).load::<T>(conn)?);
+        all.extend(sized!(chunk, 0, |r| r.load::<T>(conn))?);
     }
     Ok(all)
 }
 
-impl<'a, S: RowsSql, R: BindRow> Rows<'a, S, R> {
+impl<'a, S: RowsSql, R: BindRow, const N: usize> Rows<'a, S, R, N> {
     fn new(at: i64, rows: &'a [R]) -> Self {
+        debug_assert_eq!(rows.len(), N);
         Rows {
             at,
             rows,
@@ -101,13 +155,12 @@ impl<'a, S: RowsSql, R: BindRow> Rows<'a, S, R> {
     }
 }
 
-impl<S, R> QueryId for Rows<'_, S, R> {
-    type QueryId = ();
-    // Cached by its text (which names the chunk size), not by type.
-    const HAS_STATIC_QUERY_ID: bool = false;
+impl<S: RowsSql, R, const N: usize> QueryId for Rows<'_, S, R, N> {
+    type QueryId = ChunkOf<S, N>;
+    const HAS_STATIC_QUERY_ID: bool = true;
 }
 
-impl<S: RowsSql, R: BindRow> QueryFragment<Sqlite> for Rows<'_, S, R> {
+impl<S: RowsSql, R: BindRow, const N: usize> QueryFragment<Sqlite> for Rows<'_, S, R, N> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
         let mut head = S::HEAD.split('?');
         out.push_sql(head.next().unwrap_or_default());
@@ -131,11 +184,11 @@ impl<S: RowsSql, R: BindRow> QueryFragment<Sqlite> for Rows<'_, S, R> {
     }
 }
 
-impl<S: RowsSql, R: BindRow> Query for Rows<'_, S, R> {
+impl<S: RowsSql, R: BindRow, const N: usize> Query for Rows<'_, S, R, N> {
     type SqlType = Untyped;
 }
 
-impl<S: RowsSql, R: BindRow, Conn> RunQueryDsl<Conn> for Rows<'_, S, R> {}
+impl<S: RowsSql, R: BindRow, Conn, const N: usize> RunQueryDsl<Conn> for Rows<'_, S, R, N> {}
 
 /// Implements [`BindRow`] for a tuple: `bind_row!((A: SqlTypeA, B: SqlTypeB, …) => 0, 1, …)`.
 macro_rules! bind_row {
@@ -207,5 +260,11 @@ mod tests {
         assert_eq!(sizes(7), vec![4, 2, 1]);
         assert_eq!(sizes(256), vec![256]);
         assert_eq!(sizes(600), vec![256, 256, 64, 16, 8]);
+        // Every chunk has one of the sizes that have a statement type (`sized!`).
+        for n in 0..=1100 {
+            assert!(sizes(n)
+                .iter()
+                .all(|&k| k.is_power_of_two() && k <= super::MAX_CHUNK));
+        }
     }
 }
