@@ -52,45 +52,16 @@ pub struct ChunkOf<S, const N: usize>(std::marker::PhantomData<S>);
 
 /// Runs `$run` on `$chunk` as a [`Rows`] of its size (one of the sizes [`chunks`] yields).
 macro_rules! sized {
-    ($chunk:expr, $at:expr, |$rows:ident| $run:expr) => {{
+    ($chunk:expr, $at:expr, |$rows:ident| $run:expr) => {
+        sized!($chunk, $at, |$rows| $run; 256, 128, 64, 32, 16, 8, 4, 2, 1)
+    };
+    ($chunk:expr, $at:expr, |$rows:ident| $run:expr; $($n:literal),+) => {{
         let (chunk, at) = ($chunk, $at);
         match chunk.len() {
-            256 => {
-                let $rows = Rows::<S, R, 256>::new(at, chunk);
+            $($n => {
+                let $rows = Rows::<S, R, $n>::new(at, chunk);
                 $run
-            }
-            128 => {
-                let $rows = Rows::<S, R, 128>::new(at, chunk);
-                $run
-            }
-            64 => {
-                let $rows = Rows::<S, R, 64>::new(at, chunk);
-                $run
-            }
-            32 => {
-                let $rows = Rows::<S, R, 32>::new(at, chunk);
-                $run
-            }
-            16 => {
-                let $rows = Rows::<S, R, 16>::new(at, chunk);
-                $run
-            }
-            8 => {
-                let $rows = Rows::<S, R, 8>::new(at, chunk);
-                $run
-            }
-            4 => {
-                let $rows = Rows::<S, R, 4>::new(at, chunk);
-                $run
-            }
-            2 => {
-                let $rows = Rows::<S, R, 2>::new(at, chunk);
-                $run
-            }
-            1 => {
-                let $rows = Rows::<S, R, 1>::new(at, chunk);
-                $run
-            }
+            })+
             n => Err(diesel::result::Error::QueryBuilderError(
                 format!("no batch statement for a chunk of {n} rows").into(),
             )),
