@@ -9,6 +9,11 @@ use herald::db::{queries, Backend};
 use herald::domain::{self, generate_secret, hash_secret, new_id, now_ms, SecretKind};
 use herald::startup::Application;
 
+/// mimalloc instead of glibc's malloc: per-thread free lists without arena locks. Measured in
+/// docs/BENCHMARKS.md (eighth pass): glibc's malloc and free were ~8 % of the server's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Herald, a realtime notification server.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
