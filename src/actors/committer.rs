@@ -37,6 +37,11 @@ const MAX_BACKLOG: usize = 200_000;
 const BATCH_DEADLINE: Duration = Duration::from_secs(10);
 /// Pause before retrying after a failed batch.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// How long acks, delivery marks and last-seen times may wait for a post to ride along with
+/// before they are written on their own.
+const DEFER: Duration = Duration::from_millis(10);
+/// Rows of such work past which it is written without waiting.
+const DEFER_MAX_ROWS: usize = 2_000;
 
 type Reply = oneshot::Sender<Result<PostAnswer, PostRejection>>;
 
@@ -98,6 +103,8 @@ pub struct Committer {
     barriers: Vec<oneshot::Sender<()>>,
     writing: bool,
     flush_queued: bool,
+    /// A deferred flush is scheduled (see [`DEFER`]).
+    defer_armed: bool,
     /// Set when this node is one of several on PostgreSQL.
     cluster: Option<ClusterLink>,
     /// Sessions waiting for their presence row to be written (in `next`).
@@ -130,6 +137,7 @@ impl Committer {
             barriers: Vec::new(),
             writing: false,
             flush_queued: false,
+            defer_armed: false,
             cluster: None,
             online_waiters: Vec::new(),
         }
@@ -146,12 +154,41 @@ impl Committer {
         self
     }
 
-    /// Asks for a flush after the messages already in the mailbox, so they join this batch.
+    /// Asks for a flush after the messages already in the mailbox, so they join this batch —
+    /// at once if anyone waits for it, else within [`DEFER`] (see [`Committer::urgent`]).
     fn wake(&mut self, ctx: &mut Context<Self>) {
-        if !self.writing && !self.flush_queued {
-            self.flush_queued = true;
-            ctx.notify(Flush);
+        if self.writing || self.flush_queued {
+            return;
         }
+        if self.urgent() {
+            self.flush_now(ctx);
+        } else if !self.defer_armed && !self.next.is_empty() {
+            self.defer_armed = true;
+            ctx.run_later(DEFER, |act, ctx| {
+                act.defer_armed = false;
+                if !act.writing && !act.flush_queued && !act.next.is_empty() {
+                    act.flush_now(ctx);
+                }
+            });
+        }
+    }
+
+    fn flush_now(&mut self, ctx: &mut Context<Self>) {
+        self.flush_queued = true;
+        ctx.notify(Flush);
+    }
+
+    /// Whether someone waits for the next batch: a post's caller, a barrier, a session's
+    /// presence row — or the gathered acks, marks and last-seen times are many. Those alone
+    /// wait up to [`DEFER`] for a post to share its commit (and its sync): written each on its
+    /// own, a device's mark and ack made two more commits per notification at low rates.
+    /// Nothing reads them sooner: a replay waits behind a barrier, which is urgent.
+    fn urgent(&self) -> bool {
+        !self.posts.is_empty()
+            || !self.barriers.is_empty()
+            || !self.online_waiters.is_empty()
+            || !self.next.presence.is_empty()
+            || self.next.weight() >= DEFER_MAX_ROWS
     }
 
     fn backlog(&self) -> usize {
@@ -586,8 +623,13 @@ impl Handler<Handoff> for Committer {
 impl Handler<IsIdle> for Committer {
     type Result = bool;
 
-    fn handle(&mut self, _: IsIdle, _: &mut Context<Self>) -> bool {
-        !self.writing && self.posts.is_empty() && self.next.is_empty()
+    fn handle(&mut self, _: IsIdle, ctx: &mut Context<Self>) -> bool {
+        let idle = !self.writing && self.posts.is_empty() && self.next.is_empty();
+        if !idle && !self.writing && !self.flush_queued {
+            // Stopping: deferred work goes now.
+            self.flush_now(ctx);
+        }
+        idle
     }
 }
 
