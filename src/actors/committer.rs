@@ -1,8 +1,10 @@
 //! The Committer: gathers posts, acks, delivery marks and last-seen times and hands them to the
 //! writer thread as whole batches — one transaction each (group commit, DESIGN.md invariant 5).
 //!
-//! There is no timer: while one batch is being written, everything that arrives waits for the
-//! next, so an idle node commits at once and a busy one commits in large batches. After a batch
+//! A post waits for no timer: while one batch is being written, everything that arrives waits for
+//! the next, so an idle node commits at once and a busy one commits in large batches. Acks,
+//! delivery marks and last-seen times, which nobody waits on, wait up to `DEFER` to share a
+//! post's commit rather than start one of their own. After a batch
 //! commits, its new notifications go to the Presence actor in `seq` order (persist, then push:
 //! invariant 4), and each post's `202` is answered once presence says how many sessions it reached.
 
