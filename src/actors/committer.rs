@@ -107,6 +107,8 @@ pub struct Committer {
     flush_queued: bool,
     /// A deferred flush is scheduled (see [`DEFER`]).
     defer_armed: bool,
+    /// Since when deferred work has waited, so it waits [`DEFER`] in all, not per timer.
+    deferred_since: Option<Instant>,
     /// Set when this node is one of several on PostgreSQL.
     cluster: Option<ClusterLink>,
     /// Sessions waiting for their presence row to be written (in `next`).
@@ -140,6 +142,7 @@ impl Committer {
             writing: false,
             flush_queued: false,
             defer_armed: false,
+            deferred_since: None,
             cluster: None,
             online_waiters: Vec::new(),
         }
@@ -164,9 +167,19 @@ impl Committer {
         }
         if self.urgent() {
             self.flush_now(ctx);
-        } else if !self.defer_armed && !self.next.is_empty() {
+            return;
+        }
+        if self.next.is_empty() {
+            self.deferred_since = None;
+            return;
+        }
+        let since = *self.deferred_since.get_or_insert_with(Instant::now);
+        let left = DEFER.saturating_sub(since.elapsed());
+        if left.is_zero() {
+            self.flush_now(ctx);
+        } else if !self.defer_armed {
             self.defer_armed = true;
-            ctx.run_later(DEFER, |act, ctx| {
+            ctx.run_later(left, |act, ctx| {
                 act.defer_armed = false;
                 if !act.writing && !act.flush_queued && !act.next.is_empty() {
                     act.flush_now(ctx);
@@ -176,6 +189,7 @@ impl Committer {
     }
 
     fn flush_now(&mut self, ctx: &mut Context<Self>) {
+        self.deferred_since = None;
         self.flush_queued = true;
         ctx.notify(Flush);
     }
@@ -184,9 +198,12 @@ impl Committer {
     /// presence row — or the gathered acks, marks and last-seen times are many. Those alone
     /// wait up to [`DEFER`] for a post to share its commit (and its sync): written each on its
     /// own, a device's mark and ack made two more commits per notification at low rates.
-    /// Nothing reads them sooner: a replay waits behind a barrier, which is urgent.
+    /// The status API, `/v1/stats` and `last_seen` show them up to [`DEFER`] later; a replay on
+    /// this node waits behind a barrier, which is urgent. In a cluster a device may reconnect to
+    /// another node, whose replay cannot wait on this node's barrier, so acks go at once there.
     fn urgent(&self) -> bool {
         !self.posts.is_empty()
+            || (self.cluster.is_some() && !self.next.acks.is_empty())
             || !self.barriers.is_empty()
             || !self.online_waiters.is_empty()
             || !self.next.presence.is_empty()

@@ -175,7 +175,7 @@ pub struct RecordSeen {
 #[rtype(result = "usize")]
 pub struct CloseAll;
 
-/// Shutdown → Committer: is everything gathered written?
+/// Shutdown → Committer: is everything gathered written? (If not, deferred work is written now.)
 #[derive(Message)]
 #[rtype(result = "bool")]
 pub struct IsIdle;
