@@ -181,9 +181,7 @@ impl Committer {
             self.defer_armed = true;
             ctx.run_later(left, |act, ctx| {
                 act.defer_armed = false;
-                if !act.writing && !act.flush_queued && !act.next.is_empty() {
-                    act.flush_now(ctx);
-                }
+                act.wake(ctx);
             });
         }
     }
