@@ -16,6 +16,8 @@ pub struct Counters {
     pub write_batches: AtomicU64,
     /// Items (posts, acks, delivery marks, last-seen times) those batches carried.
     pub write_items: AtomicU64,
+    /// Write transactions that failed (their work is retried after a pause).
+    pub write_failures: AtomicU64,
 }
 
 impl Default for Counters {
@@ -27,6 +29,7 @@ impl Default for Counters {
             acked: AtomicU64::new(0),
             write_batches: AtomicU64::new(0),
             write_items: AtomicU64::new(0),
+            write_failures: AtomicU64::new(0),
         }
     }
 }

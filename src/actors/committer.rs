@@ -35,9 +35,11 @@ const MAX_WAITING_POSTS: usize = 20_000;
 /// Acks, marks and last-seen updates kept for a retry when the database is away; past this the
 /// oldest are dropped (they are only redelivered or shown a little stale, never lost as data).
 const MAX_BACKLOG: usize = 200_000;
-/// How long the writer may take over one batch.
+/// How long a batch may wait for the writer thread before it is given up unwritten. Once the
+/// writer has taken it, the Committer waits for its outcome however long that takes: a batch
+/// given up while it ran could still commit, and its notifications would then be pushed to no one.
 const BATCH_DEADLINE: Duration = Duration::from_secs(10);
-/// Pause before retrying after a failed batch.
+/// Pause before retrying after a failed batch: nothing is written before it ends.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// How long acks, delivery marks and last-seen times may wait for a post to ride along with
 /// before they are written on their own.
@@ -98,6 +100,8 @@ pub struct Committer {
     counters: Arc<Counters>,
     posts: Vec<WaitingPost>,
     next: WriteBatch,
+    /// `next.weight()`, kept as work is gathered: it is asked for on every message.
+    next_rows: usize,
     idem: HashMap<(String, String), Idem>,
     /// The idempotency entry each pending `delivered_now` write will release.
     idem_seqs: HashMap<i64, (String, String)>,
@@ -109,6 +113,8 @@ pub struct Committer {
     defer_armed: bool,
     /// Since when deferred work has waited, so it waits [`DEFER`] in all, not per timer.
     deferred_since: Option<Instant>,
+    /// After a failed batch, nothing is written before this (see [`RETRY_PAUSE`]).
+    retry_at: Option<Instant>,
     /// Set when this node is one of several on PostgreSQL.
     cluster: Option<ClusterLink>,
     /// Sessions waiting for their presence row to be written (in `next`).
@@ -136,6 +142,7 @@ impl Committer {
             counters,
             posts: Vec::new(),
             next: WriteBatch::default(),
+            next_rows: 0,
             idem: HashMap::new(),
             idem_seqs: HashMap::new(),
             barriers: Vec::new(),
@@ -143,6 +150,7 @@ impl Committer {
             flush_queued: false,
             defer_armed: false,
             deferred_since: None,
+            retry_at: None,
             cluster: None,
             online_waiters: Vec::new(),
         }
@@ -164,6 +172,13 @@ impl Committer {
     fn wake(&mut self, ctx: &mut Context<Self>) {
         if self.writing || self.flush_queued {
             return;
+        }
+        if let Some(at) = self.retry_at {
+            // The timer set when the batch failed calls this again at `at`.
+            if Instant::now() < at {
+                return;
+            }
+            self.retry_at = None;
         }
         if self.urgent() {
             self.flush_now(ctx);
@@ -205,18 +220,23 @@ impl Committer {
             || !self.barriers.is_empty()
             || !self.online_waiters.is_empty()
             || !self.next.presence.is_empty()
-            || self.next.weight() >= DEFER_MAX_ROWS
+            || self.next_rows >= DEFER_MAX_ROWS
     }
 
     fn backlog(&self) -> usize {
-        self.next.weight()
+        self.next_rows
+    }
+
+    /// Counts `rows` more rows of gathered work (see [`WriteBatch::weight`]).
+    fn gathered(&mut self, rows: usize) {
+        self.next_rows += rows;
     }
 
     /// Takes up to `MAX_BATCH_WEIGHT` rows of work, dropping posts whose caller gave up.
     fn take_batch(&mut self) -> (WriteBatch, Vec<Waiter>) {
         let mut batch = std::mem::take(&mut self.next);
+        let mut weight = std::mem::take(&mut self.next_rows);
         let now = Instant::now();
-        let mut weight = batch.weight();
         let mut taken = Vec::new();
         let mut rest = Vec::new();
         let mut late = Vec::new();
@@ -283,7 +303,9 @@ impl Committer {
                 for w in waiting {
                     self.answer(w, Err(why.clone()), None);
                 }
+                Counters::add(&self.counters.write_failures, 1);
                 self.requeue(batch);
+                self.retry_at = Some(Instant::now() + RETRY_PAUSE);
                 ctx.run_later(RETRY_PAUSE, |act, ctx| act.wake(ctx));
                 return;
             }
@@ -383,6 +405,7 @@ impl Committer {
                     act.next
                         .delivered_now
                         .push((seq, answer.delivered_now as i32));
+                    act.gathered(1);
                 }
                 act.answer(w, Ok(answer), stored);
             }
@@ -442,23 +465,35 @@ impl Committer {
         failed.cluster = None;
         *next = failed;
         // Presence changes are kept whatever the backlog (dropping one would leave a ghost row
-        // or lose a session's row); they do not push acks out either.
-        while next.weight() - next.presence.len() > MAX_BACKLOG {
-            let dropped = if !next.delivered.is_empty() {
-                next.delivered.remove(0);
-                "delivery mark"
-            } else if !next.seen.is_empty() {
-                next.seen.remove(0);
-                "last-seen time"
-            } else if !next.acks.is_empty() {
-                next.acks.remove(0);
-                "ack"
-            } else {
-                break;
-            };
-            log::warn!("write backlog full: dropped the oldest {dropped}");
+        // or lose a session's row); they do not push acks out either. Past the bound the oldest
+        // marks go first, then last-seen times, then acks — each list cut once, from its front.
+        let mut excess = (next.weight() - next.presence.len()).saturating_sub(MAX_BACKLOG);
+        if excess > 0 {
+            let marks = drop_oldest(&mut next.delivered, &mut excess, |(_, s)| s.len());
+            let seen = drop_oldest(&mut next.seen, &mut excess, |_| 1);
+            let acks = drop_oldest(&mut next.acks, &mut excess, |(_, ids)| ids.len());
+            log::warn!(
+                "write backlog full: dropped the oldest {marks} delivery marks, {seen} last-seen \
+                 times and {acks} acks"
+            );
         }
+        self.next_rows = self.next.weight();
     }
+}
+
+/// Removes entries from the front of `list` until their rows (`rows` each) reach `excess`, and
+/// takes those rows off `excess`; returns how many entries went.
+fn drop_oldest<T>(list: &mut Vec<T>, excess: &mut usize, rows: impl Fn(&T) -> usize) -> usize {
+    let mut n = 0;
+    for item in list.iter() {
+        if *excess == 0 {
+            break;
+        }
+        *excess = excess.saturating_sub(rows(item));
+        n += 1;
+    }
+    list.drain(..n);
+    n
 }
 
 fn answer_of(
@@ -507,7 +542,7 @@ impl Handler<Flush> for Committer {
         let batch = Arc::new(batch);
         let job_batch = batch.clone();
         let fut = async move {
-            db.write(Instant::now() + BATCH_DEADLINE, move |c| {
+            db.write_to_end(Instant::now() + BATCH_DEADLINE, move |c| {
                 batch::commit(c, &job_batch, now_ms()).map_err(Into::into)
             })
             .await
@@ -515,8 +550,8 @@ impl Handler<Flush> for Committer {
         fut.into_actor(self)
             .map(move |res, act, ctx| {
                 act.writing = false;
-                // The job has dropped its handle once it ran; a copy is made only if it has not
-                // (its deadline passed while it waited), so the acks can be queued again.
+                // The job has dropped its handle by now (it ran, or was dropped unrun), so this
+                // takes the batch back without a copy.
                 let batch = Arc::unwrap_or_clone(batch);
                 act.finish(batch, waiting, online, res, ctx);
                 // Even after a failed batch: its acks are queued again, and a replay that runs
@@ -587,6 +622,7 @@ impl Handler<RecordAck> for Committer {
 
     fn handle(&mut self, msg: RecordAck, ctx: &mut Context<Self>) {
         if self.backlog() < MAX_BACKLOG {
+            self.gathered(msg.ids.len());
             self.next.acks.push((msg.device_id, msg.ids));
         } else {
             log::warn!(
@@ -603,6 +639,7 @@ impl Handler<RecordDelivered> for Committer {
 
     fn handle(&mut self, msg: RecordDelivered, ctx: &mut Context<Self>) {
         if self.backlog() < MAX_BACKLOG {
+            self.gathered(msg.seqs.len());
             self.next.delivered.push((msg.device_id, msg.seqs));
         }
         self.wake(ctx);
@@ -614,6 +651,7 @@ impl Handler<RecordSeen> for Committer {
 
     fn handle(&mut self, msg: RecordSeen, ctx: &mut Context<Self>) {
         if self.backlog() < MAX_BACKLOG {
+            self.gathered(1);
             self.next.seen.push((msg.device_id, msg.at));
         }
         self.wake(ctx);
@@ -642,7 +680,8 @@ impl Handler<IsIdle> for Committer {
 
     fn handle(&mut self, _: IsIdle, ctx: &mut Context<Self>) -> bool {
         let idle = !self.writing && self.posts.is_empty() && self.next.is_empty();
-        if !idle && !self.writing && !self.flush_queued {
+        let pausing = self.retry_at.is_some_and(|at| Instant::now() < at);
+        if !idle && !self.writing && !self.flush_queued && !pausing {
             // Stopping: deferred work goes now.
             self.flush_now(ctx);
         }
@@ -675,6 +714,7 @@ impl Handler<PresenceUpdate> for Committer {
             return;
         }
         self.next.presence.push(msg.change);
+        self.gathered(1);
         if let Some(reply) = msg.written {
             self.online_waiters.push(reply);
         }

@@ -41,6 +41,8 @@ pub struct Job<R> {
     work: Option<Work<R>>,
     /// The mailbox this job counts against until it is dropped, however that happens.
     queue: Arc<QueueCounters>,
+    /// Whether the handler counts the job as late if it is: its caller does not give up on it.
+    count_late: bool,
 }
 
 impl<R> Drop for Job<R> {
@@ -57,10 +59,16 @@ impl<R: Send + 'static> Handler<Job<R>> for DbExecutor {
     type Result = Result<R, JobError>;
 
     fn handle(&mut self, mut job: Job<R>, _: &mut SyncContext<Self>) -> Self::Result {
-        // A late job's caller has already answered (and counted) the timeout.
+        // A late job's caller has already answered (and counted) the timeout, unless it waits
+        // for the outcome (`Db::write_to_end`).
         let work = match job.work.take() {
             Some(work) if Instant::now() < job.deadline => work,
-            _ => return Err(JobError::Timeout),
+            _ => {
+                if job.count_late {
+                    job.queue.late.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(JobError::Timeout);
+            }
         };
         let pool = &self.pool;
         let _timer = self.job_duration.start_timer();
@@ -118,7 +126,8 @@ pub struct QueueSnapshot {
     pub max_queue_depth: u64,
     /// Jobs refused because the mailbox was full.
     pub rejected: u64,
-    /// Jobs dropped because their deadline passed before a thread took them.
+    /// Jobs that timed out: their caller gave up waiting, or their deadline passed before a
+    /// thread took them.
     pub timeouts: u64,
 }
 
@@ -222,7 +231,26 @@ impl Db {
         Self::run(&self.writer, self.queue_limit, deadline, work).await
     }
 
-    async fn run<R, F>(ex: &Executor, limit: u64, deadline: Instant, work: F) -> Result<R, JobError>
+    /// Like [`Db::write`], but once the writer has started the work this waits for its outcome
+    /// however long it takes, so `Ok` means committed and an error means not committed; only
+    /// work still queued at `deadline` is given up (`Timeout`). For a caller that must act on
+    /// what was committed (the Committer publishes a batch's notifications); it relies on the
+    /// connection's own timeouts to bound a job.
+    pub async fn write_to_end<R, F>(&self, deadline: Instant, work: F) -> Result<R, JobError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut DbConn) -> Result<R, DbError> + Send + 'static,
+    {
+        let mut job = Self::job(&self.writer, self.queue_limit, deadline, work)?;
+        job.count_late = true;
+        match self.writer.addr.send(job).await {
+            Ok(result) => result,
+            Err(_mailbox) => Err(JobError::Unavailable("executor stopped".into())),
+        }
+    }
+
+    /// Counts a job against `ex`'s mailbox, or refuses it when the mailbox is full.
+    fn job<R, F>(ex: &Executor, limit: u64, deadline: Instant, work: F) -> Result<Job<R>, JobError>
     where
         R: Send + 'static,
         F: FnOnce(&mut DbConn) -> Result<R, DbError> + Send + 'static,
@@ -231,16 +259,25 @@ impl Db {
         let depth = q.depth.fetch_add(1, Ordering::Relaxed) + 1;
         if depth > limit {
             q.depth.fetch_sub(1, Ordering::Relaxed);
-
             q.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(JobError::Overloaded);
         }
         q.max_depth.fetch_max(depth, Ordering::Relaxed);
-        let job = Job {
+        Ok(Job {
             deadline,
             work: Some(Box::new(work)),
             queue: q.clone(),
-        };
+            count_late: false,
+        })
+    }
+
+    async fn run<R, F>(ex: &Executor, limit: u64, deadline: Instant, work: F) -> Result<R, JobError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut DbConn) -> Result<R, DbError> + Send + 'static,
+    {
+        let job = Self::job(ex, limit, deadline, work)?;
+        let q = &ex.queue;
         let wait = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(wait, ex.addr.send(job)).await {
             Ok(Ok(result)) => result,

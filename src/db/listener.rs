@@ -25,10 +25,6 @@ const PROBE_EVERY: Duration = Duration::from_secs(5);
 /// How long a node waits at start for its liveness lock (held by its previous life's connection
 /// until the database notices that connection is gone).
 const LOCK_WAIT_AT_START: Duration = Duration::from_secs(30);
-/// libpq connection settings: give up connecting after 5 s; keepalives and a TCP user timeout
-/// so a dead path fails reads and writes within seconds, not the OS default of hours.
-const CONN_OPTIONS: &str = "connect_timeout=5&keepalives=1&keepalives_idle=5&keepalives_interval=2&keepalives_count=3&tcp_user_timeout=10000";
-
 /// One libpq connection, closed on drop.
 struct Conn(NonNull<pq_sys::PGconn>);
 
@@ -83,8 +79,7 @@ impl Conn {
 
     /// Connects and subscribes to the channel.
     fn open(url: &str) -> Result<Conn, String> {
-        let sep = if url.contains('?') { '&' } else { '?' };
-        let url = format!("{url}{sep}{CONN_OPTIONS}");
+        let url = super::pg_url_with_timeouts(url);
         let info = CString::new(url).map_err(|_| "the database URL contains a NUL byte")?;
         // SAFETY: `info` is a valid C string; a null result means out of memory.
         let raw = unsafe { pq_sys::PQconnectdb(info.as_ptr()) };

@@ -34,6 +34,40 @@ const PG_STATEMENT_TIMEOUT_MS: u32 = 10_000;
 /// executor's thread count a checkout never waits for another thread, only for a reconnect.
 const POOL_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// libpq connection settings for every PostgreSQL connection Herald opens, each unless the URL
+/// sets it: give up connecting after 5 s; keepalives and a TCP user timeout so a dead path fails
+/// a connection's reads and writes within seconds, not the OS default of many minutes (the
+/// writer waits for its batch's outcome however long it takes, so a job must not hang forever).
+const PG_CONN_OPTIONS: &[(&str, &str)] = &[
+    ("connect_timeout", "5"),
+    ("keepalives", "1"),
+    ("keepalives_idle", "5"),
+    ("keepalives_interval", "2"),
+    ("keepalives_count", "3"),
+    ("tcp_user_timeout", "10000"),
+];
+
+/// `url` with each of [`PG_CONN_OPTIONS`] it does not set added as a query parameter.
+pub fn pg_url_with_timeouts(url: &str) -> String {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let set: Vec<&str> = query
+        .split('&')
+        .filter_map(|kv| kv.split('=').next())
+        .collect();
+    let mut out = url.to_owned();
+    let mut sep = if url.contains('?') { '&' } else { '?' };
+    for (k, v) in PG_CONN_OPTIONS {
+        if !set.contains(k) {
+            out.push(sep);
+            out.push_str(k);
+            out.push('=');
+            out.push_str(v);
+            sep = '&';
+        }
+    }
+    out
+}
+
 /// A connection to either backend. Queries in [`queries`] are written once against it.
 #[derive(diesel::MultiConnection)]
 pub enum DbConn {
@@ -87,7 +121,9 @@ impl Backend {
                     .ok_or_else(|| ConnectError::BadUrl("path is not UTF-8".into()))?;
                 Ok(DbConn::Sqlite(SqliteConnection::establish(path)?))
             }
-            Backend::Postgres(url) => Ok(DbConn::Pg(PgConnection::establish(url)?)),
+            Backend::Postgres(url) => Ok(DbConn::Pg(PgConnection::establish(
+                &pg_url_with_timeouts(url),
+            )?)),
         }
     }
 
@@ -466,6 +502,29 @@ mod tests {
             "duplicate key value violates unique constraint"
         )));
         assert!(!is_connection_lost(&Error::NotFound));
+    }
+
+    #[test]
+    fn postgres_urls_get_timeouts_they_do_not_set() {
+        let all = "connect_timeout=5&keepalives=1&keepalives_idle=5&keepalives_interval=2\
+                   &keepalives_count=3&tcp_user_timeout=10000";
+        assert_eq!(
+            pg_url_with_timeouts("postgres://u@h/db"),
+            format!("postgres://u@h/db?{all}")
+        );
+        assert_eq!(
+            pg_url_with_timeouts("postgres://u@h/db?sslmode=disable"),
+            format!("postgres://u@h/db?sslmode=disable&{all}")
+        );
+        // A setting the URL makes is left as it is.
+        assert_eq!(
+            pg_url_with_timeouts(
+                "postgres://u@h/db?connect_timeout=30&keepalives=1&keepalives_idle=5\
+                 &keepalives_interval=2&keepalives_count=3&tcp_user_timeout=0"
+            ),
+            "postgres://u@h/db?connect_timeout=30&keepalives=1&keepalives_idle=5\
+             &keepalives_interval=2&keepalives_count=3&tcp_user_timeout=0"
+        );
     }
 
     #[test]

@@ -122,8 +122,11 @@ struct NotificationStats {
 /// The Committer's write transactions since the start, and the items they held.
 #[derive(Serialize, ToSchema)]
 struct WriteStats {
+    /// Committed.
     transactions: u64,
     items: u64,
+    /// Failed and rolled back (their acks, marks and last-seen times are retried).
+    failed: u64,
 }
 
 /// The database executors' mailboxes: the schema of [`QueueSnapshot`].
@@ -166,6 +169,7 @@ pub async fn stats(who: Principal, state: web::Data<AppState>) -> Result<HttpRes
         writes: WriteStats {
             transactions: Counters::get(&c.write_batches),
             items: Counters::get(&c.write_items),
+            failed: Counters::get(&c.write_failures),
         },
         uptime_seconds: c.started.elapsed().as_secs(),
     }))

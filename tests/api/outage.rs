@@ -1,7 +1,9 @@
 //! PostgreSQL going away mid-run: posts get `503` within their deadline instead of hanging, open
 //! sessions stay up, and once the database is back everything works again without a restart —
 //! with no notification that got a `202` lost. The database is reached through a TCP proxy the
-//! test controls, so the shared PostgreSQL server stays up for the other tests.
+//! test controls, so the shared PostgreSQL server stays up for the other tests. And a database
+//! that refuses the writer's batches: they are retried after a pause, not in a loop, and nothing
+//! gathered is lost.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::both_backends;
 use crate::helpers::*;
+use diesel::connection::SimpleConnection;
 
 const PASS: u8 = 0;
 const HANG: u8 = 1;
@@ -221,4 +225,167 @@ async fn outage(kind: u8) {
     }
     let stats = app.pool_settles().await;
     assert_eq!(stats["sessions"], 1, "{stats}");
+}
+
+/// Runs SQL on the test's database from a connection of its own (not the node's).
+fn run_sql(app: &TestApp, sql: &str) {
+    let backend = herald::db::Backend::from_url(&app.db.url).unwrap();
+    let mut c = backend.connect().expect("a connection of the test's own");
+    c.batch_execute(sql).expect("the test's SQL runs");
+}
+
+/// A trigger that makes every change to a delivery (a mark or an ack) fail, so every write batch
+/// carrying one is rolled back at once.
+fn refuse_delivery_updates(app: &TestApp, b: Backend) {
+    run_sql(
+        app,
+        match b {
+            Backend::Sqlite => {
+                "CREATE TRIGGER refuse_updates BEFORE UPDATE ON deliveries \
+                 BEGIN SELECT RAISE(ABORT, 'test: updates refused'); END;"
+            }
+            Backend::Postgres => {
+                "CREATE FUNCTION refuse_updates() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'test: updates refused'; END $$; \
+                 CREATE TRIGGER refuse_updates BEFORE UPDATE ON deliveries \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_updates();"
+            }
+        },
+    );
+}
+
+both_backends!(a_failing_write_is_retried_after_a_pause_and_loses_nothing);
+
+async fn a_failing_write_is_retried_after_a_pause_and_loses_nothing(b: Backend) {
+    let app = spawn_app(b).await;
+    let key = app.service_key().await;
+    let phone = app.device(&key, "petra").await;
+    let mut ws = app.connect(&phone).await;
+    let id = app.notify_device(&key, &phone, json!("to ack")).await;
+    assert_eq!(ws.recv_notification().await["id"], id.as_str());
+    // The delivery mark is written before the database starts refusing.
+    eventually("the delivery mark is written", || async {
+        let (_, n) = app.get(&format!("/v1/notifications/{id}"), &key).await;
+        n["deliveries"][0]["state"] == "delivered"
+    })
+    .await;
+    let failed = |s: &serde_json::Value| s["writes"]["failed"].as_u64().unwrap();
+    assert_eq!(failed(&app.stats().await), 0);
+
+    refuse_delivery_updates(&app, b);
+    ws.ack(&[&id]).await;
+    eventually("the ack's batch fails", || async {
+        failed(&app.stats().await) > 0
+    })
+    .await;
+    // A failed batch is retried after a 200 ms pause: over 2 s, about ten tries — not one after
+    // another as fast as the database refuses them.
+    let before = failed(&app.stats().await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = failed(&app.stats().await) - before;
+    assert!(
+        (3..=15).contains(&tries),
+        "{tries} failed batches in 2 s: retries do not pause"
+    );
+    // The session is not touched by the writer's trouble.
+    ws.send_json(json!({"type": "ping"})).await;
+    assert_eq!(ws.recv_json().await["type"], "pong");
+
+    // Once the database takes writes again, the ack kept for the retry is written.
+    run_sql(
+        &app,
+        match b {
+            Backend::Sqlite => "DROP TRIGGER refuse_updates",
+            Backend::Postgres => "DROP TRIGGER refuse_updates ON deliveries",
+        },
+    );
+    eventually("the kept ack is written", || async {
+        let (_, n) = app.get(&format!("/v1/notifications/{id}"), &key).await;
+        n["deliveries"][0]["state"] == "acked"
+    })
+    .await;
+    let settled = failed(&app.stats().await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(failed(&app.stats().await), settled, "batches still fail");
+    // Nothing is left for the device: a new session gets no replay.
+    ws.close().await;
+    let mut ws = app.connect(&phone).await;
+    ws.expect_silence(Duration::from_millis(500)).await;
+}
+
+/// A write batch that the database holds longer than the Committer's deadline for a batch still
+/// reaches the devices online once it commits — not only their next session — though its post
+/// was answered `503` long before. (The Committer waits for a started batch's outcome. On
+/// PostgreSQL the Router would also catch its sessions up from the database when the batch's own
+/// items never came; a single SQLite node has no such fallback, but a started SQLite batch cannot
+/// be held past 10 s from outside — a lock held elsewhere stops it before it starts.)
+#[actix_web::test]
+async fn a_batch_held_past_its_deadline_is_still_pushed_once_committed() {
+    let app = spawn_app_with(Backend::Postgres, |a| a.db_deadline_ms = 1_000).await;
+    let key = app.service_key().await;
+    let phone = app.device(&key, "quinn").await;
+    let mut ws = app.connect(&phone).await;
+    let first = app.notify_device(&key, &phone, json!("before")).await;
+    assert_eq!(ws.recv_notification().await["id"], first.as_str());
+    ws.ack(&[&first]).await;
+    eventually("the first ack is written", || async {
+        let (_, n) = app.get(&format!("/v1/notifications/{first}"), &key).await;
+        n["deliveries"][0]["state"] == "acked"
+    })
+    .await;
+
+    // Another client locks the notifications table for 6 s and the deliveries table for 12 s:
+    // the batch waits on each in turn (each wait shorter than PostgreSQL's lock timeout), 12 s
+    // in all — past the Committer's 10 s deadline for a batch.
+    let url = app.db.url.clone();
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        // Plain connections: Herald's own settings would end a transaction idle for 10 s.
+        use diesel::Connection;
+        let mut a = diesel::PgConnection::establish(&url).unwrap();
+        let mut b = diesel::PgConnection::establish(&url).unwrap();
+        a.batch_execute("BEGIN; LOCK TABLE notifications IN EXCLUSIVE MODE")
+            .unwrap();
+        b.batch_execute("BEGIN; LOCK TABLE deliveries IN EXCLUSIVE MODE")
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_secs(6));
+        a.batch_execute("COMMIT").unwrap();
+        std::thread::sleep(Duration::from_secs(6));
+        b.batch_execute("COMMIT").unwrap();
+    });
+    locked.recv().unwrap();
+    let (status, body) = app
+        .notify(&key, json!({"device_ids": [phone.id], "payload": "held"}))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    tokio::task::spawn_blocking(move || holder.join().unwrap())
+        .await
+        .unwrap();
+
+    // The held batch commits once the locks go; its notification reaches the open session.
+    let mut live = Vec::new();
+    while let Some(Event::Json(v)) = ws.next_event_within(Duration::from_secs(3)).await {
+        if v["type"] == "notification" {
+            assert_eq!(v["payload"], "held", "{v}");
+            live.push(v["id"].as_str().unwrap().to_owned());
+            ws.ack(&[v["id"].as_str().unwrap()]).await;
+        }
+    }
+    assert_eq!(
+        live.len(),
+        1,
+        "the held post's notification, once: {live:?}"
+    );
+    // Whatever the database holds for the device was pushed live: a new session has nothing.
+    eventually("the held notification's ack is written", || async {
+        let (_, n) = app
+            .get(&format!("/v1/notifications/{}", live[0]), &key)
+            .await;
+        n["deliveries"][0]["state"] == "acked"
+    })
+    .await;
+    ws.close().await;
+    let mut ws = app.connect(&phone).await;
+    ws.expect_silence(Duration::from_millis(500)).await;
 }
