@@ -235,7 +235,7 @@ fn count_online(c: &mut DbConn, posts: &mut [PostOutcome]) -> QueryResult<()> {
 
 /// Creates a batch's posts with a fixed number of statements however many posts there are
 /// (plus one look-up per post that carries an idempotency key): the targets of all posts are
-/// resolved in two queries, the notifications inserted in one, their deliveries in one.
+/// resolved in two queries, the notifications and their deliveries inserted together.
 fn create_all(c: &mut DbConn, posts: &[PostInput], now: i64) -> QueryResult<Vec<PostOutcome>> {
     let wanted_devices: Vec<String> = posts
         .iter()
@@ -308,13 +308,14 @@ fn create_all(c: &mut DbConn, posts: &[PostInput], now: i64) -> QueryResult<Vec<
             }
         })
         .collect();
-    let seqs = queries::insert_notifications(c, &rows)?;
-    let deliveries: Vec<(&str, i64)> = fresh
+    let deliveries: Vec<(&str, &str)> = fresh
         .iter()
-        .zip(&seqs)
-        .flat_map(|((_, targets), seq)| targets.iter().map(move |d| (d.as_str(), *seq)))
+        .flat_map(|(i, targets)| {
+            let id = posts[*i].id.as_str();
+            targets.iter().map(move |d| (d.as_str(), id))
+        })
         .collect();
-    queries::insert_deliveries(c, &deliveries)?;
+    let seqs = queries::insert_posts(c, &rows, &deliveries)?;
     for ((i, targets), seq) in fresh.into_iter().zip(seqs) {
         outcomes[i] = Some(PostOutcome::Created {
             seq,

@@ -436,7 +436,16 @@ struct SinceRow {
 /// Which of these devices are online anywhere in the cluster, and since when.
 pub fn online_since(conn: &mut DbConn, device_ids: &[String]) -> QueryResult<Vec<(String, i64)>> {
     let rows: Vec<SinceRow> =
-        sql_query("SELECT device_id, connected_at FROM presence WHERE device_id = ANY($1)")
+        // One primary-key probe per id, forced: the subquery cannot be flattened (`OFFSET 0`).
+        // As a plain join the planner, costing each probe as a random read, hashed the list and
+        // scanned the whole table once there were some 40 ids (one row per session online):
+        // 0.7-1 ms a batch at 10,000 sessions; `= ANY($1)` sorted the list and went through a
+        // bitmap.
+        sql_query(
+            "SELECT t.id AS device_id, p.connected_at FROM unnest($1::text[]) AS t(id) \
+             CROSS JOIN LATERAL (SELECT connected_at FROM presence \
+               WHERE device_id = t.id OFFSET 0) AS p",
+        )
             .bind::<Array<Text>, _>(device_ids)
             .load(pg(conn)?)?;
     Ok(rows

@@ -326,8 +326,59 @@ pub fn find_idempotent(
         .optional()
 }
 
+/// Inserts notifications and their pending deliveries, `(device_id, notification id)`; returns
+/// the notifications' `seq`s, in the order of `rows`. On PostgreSQL this is one statement (one
+/// round trip): the deliveries take their `seq`s from the notifications' `RETURNING` inside it.
+pub fn insert_posts(
+    conn: &mut DbConn,
+    rows: &[NewNotificationRow<'_>],
+    targets: &[(&str, &str)],
+) -> QueryResult<Vec<i64>> {
+    use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let DbConn::Pg(c) = conn else {
+        let seqs = insert_notifications(conn, rows)?;
+        let seq_of: HashMap<&str, i64> = rows
+            .iter()
+            .map(|r| r.id)
+            .zip(seqs.iter().copied())
+            .collect();
+        let deliveries: Vec<(&str, i64)> = targets
+            .iter()
+            .map(|(device, id)| (*device, seq_of[id]))
+            .collect();
+        insert_deliveries(conn, &deliveries)?;
+        return Ok(seqs);
+    };
+    #[derive(QueryableByName)]
+    struct Created {
+        #[diesel(sql_type = Text)]
+        id: String,
+        #[diesel(sql_type = BigInt)]
+        seq: i64,
+    }
+    let created: Vec<Created> = diesel::sql_query(
+        "WITH n AS (            INSERT INTO notifications (id, poster, created_at, expires_at, payload,              idempotency_key, request_hash, device_count)            SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[],              $6::text[], $7::text[], $8::int[])            RETURNING id, seq          ), d AS (            INSERT INTO deliveries (device_id, notification_seq, state)            SELECT t.device_id, n.seq, 0 FROM unnest($9::text[], $10::text[]) AS t(device_id, id)            JOIN n ON n.id = t.id          )          SELECT id, seq FROM n",
+    )
+    .bind::<Array<Text>, _>(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(rows.iter().map(|r| r.poster).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.expires_at).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(rows.iter().map(|r| r.payload).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>(rows.iter().map(|r| r.idempotency_key).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>(rows.iter().map(|r| r.request_hash).collect::<Vec<_>>())
+    .bind::<Array<Integer>, _>(rows.iter().map(|r| r.device_count).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(targets.iter().map(|(d, _)| *d).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(targets.iter().map(|(_, id)| *id).collect::<Vec<_>>())
+    .load(c)?;
+    let by_id: HashMap<String, i64> = created.into_iter().map(|r| (r.id, r.seq)).collect();
+    Ok(rows.iter().map(|r| by_id[r.id]).collect())
+}
+
 /// Inserts notifications; returns their `seq`s, in the order of `rows`.
-pub fn insert_notifications(
+fn insert_notifications(
     conn: &mut DbConn,
     rows: &[NewNotificationRow<'_>],
 ) -> QueryResult<Vec<i64>> {
@@ -370,7 +421,7 @@ pub fn insert_notifications(
 }
 
 /// Inserts pending deliveries, `(device_id, seq)`.
-pub fn insert_deliveries(conn: &mut DbConn, rows: &[(&str, i64)]) -> QueryResult<()> {
+fn insert_deliveries(conn: &mut DbConn, rows: &[(&str, i64)]) -> QueryResult<()> {
     let row = |(d, seq): &(&str, i64)| {
         (
             deliveries::device_id.eq(d.to_string()),
@@ -515,8 +566,8 @@ pub struct Acked {
 }
 
 /// Acks many devices' notifications by id; other devices' deliveries and unknown ids are ignored.
-/// Two statements: pending deliveries (which become delivered and acked at once), then delivered
-/// ones, so the caller learns how many deliveries this made delivered as well.
+/// The caller learns how many deliveries this made delivered as well (those still pending become
+/// delivered and acked at once). SQLite: two statements, pending ones then delivered ones.
 pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> QueryResult<Acked> {
     use diesel::sql_types::{Array, BigInt, Text};
     if acks.is_empty() {
@@ -529,26 +580,38 @@ pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> Qu
                 .iter()
                 .flat_map(|(d, ids)| ids.iter().map(move |i| (d.as_str(), i.as_str())))
                 .unzip();
-            for (from, set_delivered) in [
-                (STATE_PENDING, ", delivered_at = $1"),
-                (STATE_DELIVERED, ""),
-            ] {
-                let n = diesel::sql_query(format!(
-                    "UPDATE deliveries SET state = 2, acked_at = $1{set_delivered} \
-                     FROM unnest($2::text[], $3::text[]) AS a(device_id, id) \
-                     JOIN notifications n ON n.id = a.id \
-                     WHERE deliveries.device_id = a.device_id \
-                     AND deliveries.notification_seq = n.seq AND deliveries.state = {from}",
-                ))
-                .bind::<BigInt, _>(at)
-                .bind::<Array<Text>, _>(&devices)
-                .bind::<Array<Text>, _>(&ids)
-                .execute(c)?;
-                done.acked += n;
-                if from == STATE_PENDING {
-                    done.delivered = n;
-                }
+            #[derive(QueryableByName)]
+            struct Counts {
+                #[diesel(sql_type = BigInt)]
+                acked: i64,
+                #[diesel(sql_type = BigInt)]
+                delivered: i64,
             }
+            // One statement: `s` reads each acked delivery's state before the update (`was`),
+            // so the answer tells how many were still pending.
+            let n: Counts = diesel::sql_query(
+                "WITH s AS ( \
+                   SELECT d.device_id, d.notification_seq, d.state AS was \
+                   FROM unnest($2::text[], $3::text[]) AS a(device_id, id) \
+                   JOIN notifications n ON n.id = a.id \
+                   JOIN deliveries d ON d.device_id = a.device_id \
+                     AND d.notification_seq = n.seq AND d.state < 2 \
+                 ), u AS ( \
+                   UPDATE deliveries SET state = 2, acked_at = $1, \
+                     delivered_at = CASE WHEN deliveries.state = 0 THEN $1 \
+                       ELSE deliveries.delivered_at END \
+                   FROM s WHERE deliveries.device_id = s.device_id \
+                     AND deliveries.notification_seq = s.notification_seq AND deliveries.state < 2 \
+                   RETURNING s.was \
+                 ) \
+                 SELECT count(*) AS acked, count(*) FILTER (WHERE was = 0) AS delivered FROM u",
+            )
+            .bind::<BigInt, _>(at)
+            .bind::<Array<Text>, _>(&devices)
+            .bind::<Array<Text>, _>(&ids)
+            .get_result(c)?;
+            done.acked = n.acked as usize;
+            done.delivered = n.delivered as usize;
         }
         DbConn::Sqlite(c) => {
             let pairs: Vec<(&str, &str)> = acks

@@ -334,9 +334,10 @@ async fn a_batch_held_past_its_deadline_is_still_pushed_once_committed() {
     })
     .await;
 
-    // Another client locks the notifications table for 6 s and the deliveries table for 12 s:
-    // the batch waits on each in turn (each wait shorter than PostgreSQL's lock timeout), 12 s
-    // in all — past the Committer's 10 s deadline for a batch.
+    // Another client locks the notifications table for 6 s and the presence table for 12 s: the
+    // batch's insert waits on the first, its count of the devices online on the second — each
+    // statement for less than PostgreSQL's statement and lock timeouts (10 s), the batch 12 s in
+    // all, past the Committer's 10 s deadline for a batch.
     let url = app.db.url.clone();
     let (locked_tx, locked) = std::sync::mpsc::channel();
     let holder = std::thread::spawn(move || {
@@ -346,7 +347,7 @@ async fn a_batch_held_past_its_deadline_is_still_pushed_once_committed() {
         let mut b = diesel::PgConnection::establish(&url).unwrap();
         a.batch_execute("BEGIN; LOCK TABLE notifications IN EXCLUSIVE MODE")
             .unwrap();
-        b.batch_execute("BEGIN; LOCK TABLE deliveries IN EXCLUSIVE MODE")
+        b.batch_execute("BEGIN; LOCK TABLE presence IN ACCESS EXCLUSIVE MODE")
             .unwrap();
         locked_tx.send(()).unwrap();
         std::thread::sleep(Duration::from_secs(6));
