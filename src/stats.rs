@@ -18,6 +18,8 @@ pub struct Counters {
     pub write_items: AtomicU64,
     /// Write transactions that failed (their work is retried after a pause).
     pub write_failures: AtomicU64,
+    /// When the batch being written now was started (ms since the epoch), 0 when none is.
+    pub writing_since_ms: AtomicU64,
 }
 
 impl Default for Counters {
@@ -30,6 +32,7 @@ impl Default for Counters {
             write_batches: AtomicU64::new(0),
             write_items: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
+            writing_since_ms: AtomicU64::new(0),
         }
     }
 }

@@ -38,6 +38,8 @@ const MAX_BACKLOG: usize = 200_000;
 /// How long a batch may wait for the writer thread before it is given up unwritten. Once the
 /// writer has taken it, the Committer waits for its outcome however long that takes: a batch
 /// given up while it ran could still commit, and its notifications would then be pushed to no one.
+/// (The connection's own timeouts bound a job; `/readyz` fails while one batch has been written
+/// for longer than `http::ops::WRITER_STUCK`.)
 const BATCH_DEADLINE: Duration = Duration::from_secs(10);
 /// Pause before retrying after a failed batch: nothing is written before it ends.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -538,6 +540,9 @@ impl Handler<Flush> for Committer {
             return;
         }
         self.writing = true;
+        self.counters
+            .writing_since_ms
+            .store(now_ms().max(1) as u64, std::sync::atomic::Ordering::Relaxed);
         let db = self.db.clone();
         let batch = Arc::new(batch);
         let job_batch = batch.clone();
@@ -550,6 +555,9 @@ impl Handler<Flush> for Committer {
         fut.into_actor(self)
             .map(move |res, act, ctx| {
                 act.writing = false;
+                act.counters
+                    .writing_since_ms
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
                 // The job has dropped its handle by now (it ran, or was dropped unrun), so this
                 // takes the batch back without a copy.
                 let batch = Arc::unwrap_or_clone(batch);

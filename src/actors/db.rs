@@ -41,7 +41,8 @@ pub struct Job<R> {
     work: Option<Work<R>>,
     /// The mailbox this job counts against until it is dropped, however that happens.
     queue: Arc<QueueCounters>,
-    /// Whether the handler counts the job as late if it is: its caller does not give up on it.
+    /// Set for a job whose caller waits for its outcome (`Db::write_to_end`): such a caller never
+    /// times out, so if the job is late the handler counts it.
     count_late: bool,
 }
 
@@ -232,8 +233,9 @@ impl Db {
     }
 
     /// Like [`Db::write`], but once the writer has started the work this waits for its outcome
-    /// however long it takes, so `Ok` means committed and an error means not committed; only
-    /// work still queued at `deadline` is given up (`Timeout`). For a caller that must act on
+    /// however long it takes, so `Ok` means committed; an error means not committed, except a
+    /// connection lost during the commit itself (then nobody can tell). Only work still queued at
+    /// `deadline` is given up (`Timeout`). For a caller that must act on
     /// what was committed (the Committer publishes a batch's notifications); it relies on the
     /// connection's own timeouts to bound a job.
     pub async fn write_to_end<R, F>(&self, deadline: Instant, work: F) -> Result<R, JobError>

@@ -169,8 +169,9 @@ impl Router {
                         self.queue.pop_front();
                         self.publish(own.items);
                     } else if since.elapsed() > OWN_WAIT {
-                        // Its items never came (the write outlived its deadline and was answered
-                        // 503, yet committed): read them like another node's.
+                        // Its items never came (the Committer never learned the batch committed:
+                        // say, its connection broke during the commit): read them like another
+                        // node's.
                         let (lo, hi) = (*lo, *hi);
                         *step = Step::Other {
                             lo,

@@ -47,25 +47,54 @@ const PG_CONN_OPTIONS: &[(&str, &str)] = &[
     ("tcp_user_timeout", "10000"),
 ];
 
-/// `url` with each of [`PG_CONN_OPTIONS`] it does not set added as a query parameter.
+/// The options a libpq connection string sets, as libpq itself reads it (URL or `key=value`
+/// form, percent-decoded); `None` if libpq cannot parse it.
+fn pg_conninfo_options(conninfo: &str) -> Option<Vec<(String, String)>> {
+    use std::ffi::{CStr, CString};
+    let c = CString::new(conninfo).ok()?;
+    let mut err: *mut std::os::raw::c_char = std::ptr::null_mut();
+    // SAFETY: `c` is a valid C string; libpq returns an array ended by a null keyword (or null
+    // on failure, with `err` set to a message we must free), and we free it exactly once.
+    unsafe {
+        let opts = pq_sys::PQconninfoParse(c.as_ptr(), &mut err);
+        if !err.is_null() {
+            pq_sys::PQfreemem(err.cast());
+        }
+        if opts.is_null() {
+            return None;
+        }
+        let mut set = Vec::new();
+        let mut p = opts;
+        while !(*p).keyword.is_null() {
+            if !(*p).val.is_null() {
+                set.push((
+                    CStr::from_ptr((*p).keyword).to_string_lossy().into_owned(),
+                    CStr::from_ptr((*p).val).to_string_lossy().into_owned(),
+                ));
+            }
+            p = p.add(1);
+        }
+        pq_sys::PQconninfoFree(opts);
+        Some(set)
+    }
+}
+
+/// The connection string Herald gives libpq for `url`: what the URL sets, plus each of
+/// [`PG_CONN_OPTIONS`] it does not set, in libpq's `key='value'` form. A URL libpq cannot parse
+/// is passed on as it is, for libpq to report (the URL may hold a password, so it is not shown).
 pub fn pg_url_with_timeouts(url: &str) -> String {
-    let query = url.split_once('?').map_or("", |(_, q)| q);
-    let set: Vec<&str> = query
-        .split('&')
-        .filter_map(|kv| kv.split('=').next())
-        .collect();
-    let mut out = url.to_owned();
-    let mut sep = if url.contains('?') { '&' } else { '?' };
+    let Some(mut set) = pg_conninfo_options(url) else {
+        return url.to_owned();
+    };
     for (k, v) in PG_CONN_OPTIONS {
-        if !set.contains(k) {
-            out.push(sep);
-            out.push_str(k);
-            out.push('=');
-            out.push_str(v);
-            sep = '&';
+        if !set.iter().any(|(key, _)| key == k) {
+            set.push(((*k).to_owned(), (*v).to_owned()));
         }
     }
-    out
+    set.iter()
+        .map(|(k, v)| format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A connection to either backend. Queries in [`queries`] are written once against it.
@@ -506,24 +535,36 @@ mod tests {
 
     #[test]
     fn postgres_urls_get_timeouts_they_do_not_set() {
-        let all = "connect_timeout=5&keepalives=1&keepalives_idle=5&keepalives_interval=2\
-                   &keepalives_count=3&tcp_user_timeout=10000";
+        let options = |url: &str| -> std::collections::HashMap<String, String> {
+            pg_conninfo_options(&pg_url_with_timeouts(url))
+                .expect("the result parses")
+                .into_iter()
+                .collect()
+        };
+        let o = options("postgres://u@h:5433/db");
+        assert_eq!(o["user"], "u");
+        assert_eq!(o["host"], "h");
+        assert_eq!(o["port"], "5433");
+        assert_eq!(o["dbname"], "db");
+        assert_eq!(o["keepalives"], "1");
+        assert_eq!(o["keepalives_idle"], "5");
+        assert_eq!(o["tcp_user_timeout"], "10000");
+        assert_eq!(o["connect_timeout"], "5");
+        // Settings the URL makes are kept; a trailing `?` is no trouble.
+        let o = options("postgres://u@h/db?sslmode=disable&tcp_user_timeout=0&connect_timeout=30");
+        assert_eq!(o["sslmode"], "disable");
+        assert_eq!(o["tcp_user_timeout"], "0");
+        assert_eq!(o["connect_timeout"], "30");
+        assert_eq!(o["keepalives_count"], "3");
+        assert_eq!(options("postgres://u@h/db?")["dbname"], "db");
+        // A password with quotes, backslashes and an encoded `?` survives the quoting.
+        let o = options("postgresql://u:p%27%5C%3Fw@h/db");
+        assert_eq!(o["password"], "p'\\?w");
+        assert_eq!(o["dbname"], "db");
+        // What libpq cannot parse goes to libpq as it is, to be refused there.
         assert_eq!(
-            pg_url_with_timeouts("postgres://u@h/db"),
-            format!("postgres://u@h/db?{all}")
-        );
-        assert_eq!(
-            pg_url_with_timeouts("postgres://u@h/db?sslmode=disable"),
-            format!("postgres://u@h/db?sslmode=disable&{all}")
-        );
-        // A setting the URL makes is left as it is.
-        assert_eq!(
-            pg_url_with_timeouts(
-                "postgres://u@h/db?connect_timeout=30&keepalives=1&keepalives_idle=5\
-                 &keepalives_interval=2&keepalives_count=3&tcp_user_timeout=0"
-            ),
-            "postgres://u@h/db?connect_timeout=30&keepalives=1&keepalives_idle=5\
-             &keepalives_interval=2&keepalives_count=3&tcp_user_timeout=0"
+            pg_url_with_timeouts("postgres://h/db?nosuch=1"),
+            "postgres://h/db?nosuch=1"
         );
     }
 

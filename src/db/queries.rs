@@ -587,21 +587,23 @@ pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> Qu
                 #[diesel(sql_type = BigInt)]
                 delivered: i64,
             }
-            // One statement: `s` reads each acked delivery's state before the update (`was`),
-            // so the answer tells how many were still pending.
+            // One statement. `s` locks each acked delivery that is not acked yet and reads its
+            // state (`was`) — under READ COMMITTED a row another node changed meanwhile is read
+            // in its latest version, so the count of those still pending stays exact — and the
+            // update finds each row again by its `ctid` (held by the lock, so it cannot move).
             let n: Counts = diesel::sql_query(
-                "WITH s AS ( \
-                   SELECT d.device_id, d.notification_seq, d.state AS was \
+                "WITH s AS MATERIALIZED ( \
+                   SELECT d.ctid AS tid, d.state AS was \
                    FROM unnest($2::text[], $3::text[]) AS a(device_id, id) \
                    JOIN notifications n ON n.id = a.id \
                    JOIN deliveries d ON d.device_id = a.device_id \
                      AND d.notification_seq = n.seq AND d.state < 2 \
+                   FOR UPDATE OF d \
                  ), u AS ( \
                    UPDATE deliveries SET state = 2, acked_at = $1, \
                      delivered_at = CASE WHEN deliveries.state = 0 THEN $1 \
                        ELSE deliveries.delivered_at END \
-                   FROM s WHERE deliveries.device_id = s.device_id \
-                     AND deliveries.notification_seq = s.notification_seq AND deliveries.state < 2 \
+                   FROM s WHERE deliveries.ctid = s.tid \
                    RETURNING s.was \
                  ) \
                  SELECT count(*) AS acked, count(*) FILTER (WHERE was = 0) AS delivered FROM u",

@@ -16,6 +16,8 @@ use crate::stats::Counters;
 
 /// How long `/readyz` waits for the database.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
+/// A write batch running longer than this makes the node not ready: the database takes no writes.
+pub const WRITER_STUCK: Duration = Duration::from_secs(30);
 
 /// The answer of `/healthz` and `/readyz`.
 #[derive(Serialize, ToSchema)]
@@ -37,7 +39,8 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
 
-/// Readiness: `200` when the database answers within a second, else `503`.
+/// Readiness: `200` when the database answers within a second and the writer is not stuck on
+/// one batch, else `503`.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -48,6 +51,17 @@ pub async fn healthz() -> HttpResponse {
     ),
 )]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let since = Counters::get(&state.counters.writing_since_ms) as i64;
+    if since > 0 && crate::domain::now_ms() - since > WRITER_STUCK.as_millis() as i64 {
+        log::error!(
+            "not ready: one write batch has run for {} s",
+            (crate::domain::now_ms() - since) / 1000
+        );
+        return Err(ApiError::unavailable(
+            "not_ready",
+            "the database takes no writes",
+        ));
+    }
     match state.db.ping(READY_TIMEOUT).await {
         Ok(()) => Ok(HttpResponse::Ok().json(Health { status: "ready" })),
         Err(e) => {

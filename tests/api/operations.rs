@@ -117,9 +117,10 @@ async fn sigterm_under_load_loses_no_accepted_notification(b: Backend) {
     for r in readers {
         r.await.unwrap();
     }
+    let status = node.exited(Duration::from_secs(15)).await;
     assert!(
-        node.exited(Duration::from_secs(15)).await.success(),
-        "exit status 0: {}",
+        status.success(),
+        "exit status 0, not {status:?}: {}",
         node.log_text()
     );
     for p in posters {
