@@ -175,12 +175,9 @@ impl Committer {
         if self.writing || self.flush_queued {
             return;
         }
-        if let Some(at) = self.retry_at {
-            // The timer set when the batch failed calls this again at `at`.
-            if Instant::now() < at {
-                return;
-            }
-            self.retry_at = None;
+        if self.pausing() {
+            // The timer set when the batch failed calls this again when the pause ends.
+            return;
         }
         if self.urgent() {
             self.flush_now(ctx);
@@ -225,8 +222,9 @@ impl Committer {
             || self.next_rows >= DEFER_MAX_ROWS
     }
 
-    fn backlog(&self) -> usize {
-        self.next_rows
+    /// Whether a failed batch's pause (see [`RETRY_PAUSE`]) is still running.
+    fn pausing(&self) -> bool {
+        self.retry_at.is_some_and(|at| Instant::now() < at)
     }
 
     /// Counts `rows` more rows of gathered work (see [`WriteBatch::weight`]).
@@ -540,9 +538,7 @@ impl Handler<Flush> for Committer {
             return;
         }
         self.writing = true;
-        self.counters
-            .writing_since_ms
-            .store(now_ms().max(1) as u64, std::sync::atomic::Ordering::Relaxed);
+        Counters::set(&self.counters.writing_since_ms, now_ms().max(1) as u64);
         let db = self.db.clone();
         let batch = Arc::new(batch);
         let job_batch = batch.clone();
@@ -555,9 +551,7 @@ impl Handler<Flush> for Committer {
         fut.into_actor(self)
             .map(move |res, act, ctx| {
                 act.writing = false;
-                act.counters
-                    .writing_since_ms
-                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                Counters::set(&act.counters.writing_since_ms, 0);
                 // The job has dropped its handle by now (it ran, or was dropped unrun), so this
                 // takes the batch back without a copy.
                 let batch = Arc::unwrap_or_clone(batch);
@@ -629,7 +623,7 @@ impl Handler<RecordAck> for Committer {
     type Result = ();
 
     fn handle(&mut self, msg: RecordAck, ctx: &mut Context<Self>) {
-        if self.backlog() < MAX_BACKLOG {
+        if self.next_rows < MAX_BACKLOG {
             self.gathered(msg.ids.len());
             self.next.acks.push((msg.device_id, msg.ids));
         } else {
@@ -646,7 +640,7 @@ impl Handler<RecordDelivered> for Committer {
     type Result = ();
 
     fn handle(&mut self, msg: RecordDelivered, ctx: &mut Context<Self>) {
-        if self.backlog() < MAX_BACKLOG {
+        if self.next_rows < MAX_BACKLOG {
             self.gathered(msg.seqs.len());
             self.next.delivered.push((msg.device_id, msg.seqs));
         }
@@ -658,7 +652,7 @@ impl Handler<RecordSeen> for Committer {
     type Result = ();
 
     fn handle(&mut self, msg: RecordSeen, ctx: &mut Context<Self>) {
-        if self.backlog() < MAX_BACKLOG {
+        if self.next_rows < MAX_BACKLOG {
             self.gathered(1);
             self.next.seen.push((msg.device_id, msg.at));
         }
@@ -688,8 +682,7 @@ impl Handler<IsIdle> for Committer {
 
     fn handle(&mut self, _: IsIdle, ctx: &mut Context<Self>) -> bool {
         let idle = !self.writing && self.posts.is_empty() && self.next.is_empty();
-        let pausing = self.retry_at.is_some_and(|at| Instant::now() < at);
-        if !idle && !self.writing && !self.flush_queued && !pausing {
+        if !idle && !self.writing && !self.flush_queued && !self.pausing() {
             // Stopping: deferred work goes now.
             self.flush_now(ctx);
         }

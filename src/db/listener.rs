@@ -79,7 +79,7 @@ impl Conn {
 
     /// Connects and subscribes to the channel.
     fn open(url: &str) -> Result<Conn, String> {
-        let url = super::pg_url_with_timeouts(url);
+        let url = super::pg_conninfo(url);
         let info = CString::new(url).map_err(|_| "the database URL contains a NUL byte")?;
         // SAFETY: `info` is a valid C string; a null result means out of memory.
         let raw = unsafe { pq_sys::PQconnectdb(info.as_ptr()) };

@@ -82,7 +82,7 @@ fn pg_conninfo_options(conninfo: &str) -> Option<Vec<(String, String)>> {
 /// The connection string Herald gives libpq for `url`: what the URL sets, plus each of
 /// [`PG_CONN_OPTIONS`] it does not set, in libpq's `key='value'` form. A URL libpq cannot parse
 /// is passed on as it is, for libpq to report (the URL may hold a password, so it is not shown).
-pub fn pg_url_with_timeouts(url: &str) -> String {
+pub fn pg_conninfo(url: &str) -> String {
     let Some(mut set) = pg_conninfo_options(url) else {
         return url.to_owned();
     };
@@ -150,9 +150,7 @@ impl Backend {
                     .ok_or_else(|| ConnectError::BadUrl("path is not UTF-8".into()))?;
                 Ok(DbConn::Sqlite(SqliteConnection::establish(path)?))
             }
-            Backend::Postgres(url) => Ok(DbConn::Pg(PgConnection::establish(
-                &pg_url_with_timeouts(url),
-            )?)),
+            Backend::Postgres(url) => Ok(DbConn::Pg(PgConnection::establish(&pg_conninfo(url))?)),
         }
     }
 
@@ -536,7 +534,7 @@ mod tests {
     #[test]
     fn postgres_urls_get_timeouts_they_do_not_set() {
         let options = |url: &str| -> std::collections::HashMap<String, String> {
-            pg_conninfo_options(&pg_url_with_timeouts(url))
+            pg_conninfo_options(&pg_conninfo(url))
                 .expect("the result parses")
                 .into_iter()
                 .collect()
@@ -563,7 +561,7 @@ mod tests {
         assert_eq!(o["dbname"], "db");
         // What libpq cannot parse goes to libpq as it is, to be refused there.
         assert_eq!(
-            pg_url_with_timeouts("postgres://h/db?nosuch=1"),
+            pg_conninfo("postgres://h/db?nosuch=1"),
             "postgres://h/db?nosuch=1"
         );
     }

@@ -59,8 +59,8 @@ pub struct NotificationRow {
     pub delivered_now: Option<i32>,
 }
 
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = notifications)]
+/// A notification to insert (`insert_posts`).
+#[derive(Debug, Clone)]
 pub struct NewNotificationRow<'a> {
     pub id: &'a str,
     pub poster: &'a str,
@@ -72,7 +72,7 @@ pub struct NewNotificationRow<'a> {
     pub device_count: i32,
 }
 
-/// A created notification's id and `seq` (SQLite's `RETURNING`).
+/// A created notification's id and `seq` (`RETURNING`).
 #[derive(QueryableByName)]
 struct IdSeq {
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -328,7 +328,9 @@ pub fn find_idempotent(
 
 /// Inserts notifications and their pending deliveries, `(device_id, notification id)`; returns
 /// the notifications' `seq`s, in the order of `rows`. On PostgreSQL this is one statement (one
-/// round trip): the deliveries take their `seq`s from the notifications' `RETURNING` inside it.
+/// round trip): the deliveries take their `seq`s from the notifications' `RETURNING` inside it,
+/// and the rows travel as arrays, so the text is the same for every batch. On SQLite, two
+/// statements kept prepared (`fixed`'s chunks).
 pub fn insert_posts(
     conn: &mut DbConn,
     rows: &[NewNotificationRow<'_>],
@@ -338,64 +340,34 @@ pub fn insert_posts(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let DbConn::Pg(c) = conn else {
-        let seqs = insert_notifications(conn, rows)?;
-        let seq_of: HashMap<&str, i64> = rows
-            .iter()
-            .map(|r| r.id)
-            .zip(seqs.iter().copied())
-            .collect();
-        let deliveries: Vec<(&str, i64)> = targets
-            .iter()
-            .map(|(device, id)| (*device, seq_of[id]))
-            .collect();
-        insert_deliveries(conn, &deliveries)?;
-        return Ok(seqs);
-    };
-    #[derive(QueryableByName)]
-    struct Created {
-        #[diesel(sql_type = Text)]
-        id: String,
-        #[diesel(sql_type = BigInt)]
-        seq: i64,
-    }
-    let created: Vec<Created> = diesel::sql_query(
-        "WITH n AS (            INSERT INTO notifications (id, poster, created_at, expires_at, payload,              idempotency_key, request_hash, device_count)            SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[],              $6::text[], $7::text[], $8::int[])            RETURNING id, seq          ), d AS (            INSERT INTO deliveries (device_id, notification_seq, state)            SELECT t.device_id, n.seq, 0 FROM unnest($9::text[], $10::text[]) AS t(device_id, id)            JOIN n ON n.id = t.id          )          SELECT id, seq FROM n",
-    )
-    .bind::<Array<Text>, _>(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(rows.iter().map(|r| r.poster).collect::<Vec<_>>())
-    .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-    .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.expires_at).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(rows.iter().map(|r| r.payload).collect::<Vec<_>>())
-    .bind::<Array<Nullable<Text>>, _>(rows.iter().map(|r| r.idempotency_key).collect::<Vec<_>>())
-    .bind::<Array<Nullable<Text>>, _>(rows.iter().map(|r| r.request_hash).collect::<Vec<_>>())
-    .bind::<Array<Integer>, _>(rows.iter().map(|r| r.device_count).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(targets.iter().map(|(d, _)| *d).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(targets.iter().map(|(_, id)| *id).collect::<Vec<_>>())
-    .load(c)?;
-    let by_id: HashMap<String, i64> = created.into_iter().map(|r| (r.id, r.seq)).collect();
-    Ok(rows.iter().map(|r| by_id[r.id]).collect())
-}
-
-/// Inserts notifications; returns their `seq`s, in the order of `rows`.
-fn insert_notifications(
-    conn: &mut DbConn,
-    rows: &[NewNotificationRow<'_>],
-) -> QueryResult<Vec<i64>> {
-    let mut seqs = Vec::with_capacity(rows.len());
-    match conn {
-        DbConn::Pg(c) => {
-            // One statement per 1,000 rows (PostgreSQL allows 65,535 parameters, 8 per row).
-            for chunk in rows.chunks(1000) {
-                let ids: Vec<(String, i64)> = diesel::insert_into(notifications::table)
-                    .values(chunk)
-                    .returning((notifications::id, notifications::seq))
-                    .get_results(c)?;
-                let by_id: HashMap<String, i64> = ids.into_iter().collect();
-                seqs.extend(chunk.iter().map(|r| by_id[r.id]));
-            }
-        }
-        // A few cached statements (`fixed`'s chunks), the seqs matched back by id.
+    let created: Vec<IdSeq> = match conn {
+        DbConn::Pg(c) => diesel::sql_query(
+            "WITH n AS ( \
+               INSERT INTO notifications (id, poster, created_at, expires_at, payload, \
+                 idempotency_key, request_hash, device_count) \
+               SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], \
+                 $5::text[], $6::text[], $7::text[], $8::int[]) \
+               RETURNING id, seq \
+             ), d AS ( \
+               INSERT INTO deliveries (device_id, notification_seq, state) \
+               SELECT t.device_id, n.seq, 0 \
+               FROM unnest($9::text[], $10::text[]) AS t(device_id, id) JOIN n ON n.id = t.id \
+             ) \
+             SELECT id, seq FROM n",
+        )
+        .bind::<Array<Text>, _>(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(rows.iter().map(|r| r.poster).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.expires_at).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(rows.iter().map(|r| r.payload).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Text>>, _>(
+            rows.iter().map(|r| r.idempotency_key).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Text>>, _>(rows.iter().map(|r| r.request_hash).collect::<Vec<_>>())
+        .bind::<Array<Integer>, _>(rows.iter().map(|r| r.device_count).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(targets.iter().map(|(d, _)| *d).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(targets.iter().map(|(_, id)| *id).collect::<Vec<_>>())
+        .load(c)?,
         DbConn::Sqlite(c) => {
             let values: Vec<_> = rows
                 .iter()
@@ -412,41 +384,18 @@ fn insert_notifications(
                     )
                 })
                 .collect();
-            let created: Vec<IdSeq> = fixed::load::<InsertNotifications, _, _>(c, &values)?;
-            let by_id: HashMap<String, i64> = created.into_iter().map(|r| (r.id, r.seq)).collect();
-            seqs.extend(rows.iter().map(|r| by_id[r.id]));
+            fixed::load::<InsertNotifications, _, _>(c, &values)?
         }
-    }
-    Ok(seqs)
-}
-
-/// Inserts pending deliveries, `(device_id, seq)`.
-fn insert_deliveries(conn: &mut DbConn, rows: &[(&str, i64)]) -> QueryResult<()> {
-    let row = |(d, seq): &(&str, i64)| {
-        (
-            deliveries::device_id.eq(d.to_string()),
-            deliveries::notification_seq.eq(*seq),
-            deliveries::state.eq(STATE_PENDING),
-        )
     };
-    match conn {
-        // A few cached statements for the whole batch (`fixed`'s chunks; diesel would prepare
-        // an INSERT of its own anew on every run).
-        DbConn::Sqlite(c) => {
-            fixed::execute::<InsertDeliveries, _>(c, 0, rows)?;
-        }
-        // A round trip per statement: one multi-row INSERT per 10,000 rows (3 parameters a row,
-        // far below PostgreSQL's 65,535).
-        DbConn::Pg(c) => {
-            for chunk in rows.chunks(10_000) {
-                let values: Vec<_> = chunk.iter().map(row).collect();
-                diesel::insert_into(deliveries::table)
-                    .values(&values)
-                    .execute(c)?;
-            }
-        }
+    let by_id: HashMap<String, i64> = created.into_iter().map(|r| (r.id, r.seq)).collect();
+    if let DbConn::Sqlite(c) = conn {
+        let deliveries: Vec<(&str, i64)> = targets
+            .iter()
+            .map(|(device, id)| (*device, by_id[*id]))
+            .collect();
+        fixed::execute::<InsertDeliveries, _>(c, 0, &deliveries)?;
     }
-    Ok(())
+    Ok(rows.iter().map(|r| by_id[r.id]).collect())
 }
 
 /// Frees an idempotency key older than the window for reuse.

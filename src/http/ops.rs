@@ -52,10 +52,11 @@ pub async fn healthz() -> HttpResponse {
 )]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let since = Counters::get(&state.counters.writing_since_ms) as i64;
-    if since > 0 && crate::domain::now_ms() - since > WRITER_STUCK.as_millis() as i64 {
+    let writing_ms = crate::domain::now_ms() - since;
+    if since > 0 && writing_ms > WRITER_STUCK.as_millis() as i64 {
         log::error!(
             "not ready: one write batch has run for {} s",
-            (crate::domain::now_ms() - since) / 1000
+            writing_ms / 1000
         );
         return Err(ApiError::unavailable(
             "not_ready",
