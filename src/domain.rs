@@ -3,7 +3,7 @@
 //! Every value a client controls is parsed here once, with the limits of API.md, so the rest of
 //! the code can rely on it. Nothing here touches the network or the database.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
@@ -136,7 +136,10 @@ pub fn generate_secret(kind: SecretKind) -> String {
 /// The stored form of a secret: SHA-256, hex. Secrets are 256-bit random, so a fast hash is
 /// enough — there is nothing to brute-force.
 pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
+    // Every authenticated request hashes its secret: hex into a buffer, not char by char.
+    let mut hex = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(secret.as_bytes()), &mut hex).expect("32 bytes fit");
+    String::from_utf8(hex.to_vec()).expect("hex is ASCII")
 }
 
 /// Compares two hashes in time independent of where they differ.
@@ -158,9 +161,44 @@ pub fn now_ms() -> i64 {
 }
 
 /// A stored time as RFC 3339 with milliseconds, e.g. `2026-11-24T06:18:24.123Z`.
+/// Times before 1970 render as 1970, after 9999 as 9999's last millisecond.
+///
+/// Written out by hand (days to a civil date as in H. Hinnant's `civil_from_days`): every post
+/// formats two of these for its answer and two for each device's frame, and a general-purpose
+/// formatter cost ~2,300 instructions a time.
 pub fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    const LAST_MS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+    let ms = ms.clamp(0, LAST_MS);
+    let (days, ms_of_day) = (ms / 86_400_000, ms % 86_400_000);
+    let z = days + 719_468; // days since 0000-03-01
+    let (era, doe) = (z / 146_097, z % 146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, milli) = (
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1_000 % 60,
+        ms_of_day % 1_000,
+    );
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: i64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, h);
+    put(14, 2, m);
+    put(17, 2, s);
+    put(20, 3, milli);
+    String::from_utf8(out.to_vec()).expect("digits and ASCII punctuation")
 }
 
 #[cfg(test)]
@@ -213,5 +251,24 @@ mod tests {
     fn times_render_as_rfc3339_millis() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339(-5), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59.999Z");
+        // Against a general-purpose formatter: leap years, century rules, month ends, and a
+        // spread of times up to year 9999.
+        let mut ms: i64 = 0;
+        let mut checked = 0;
+        while ms <= 253_402_300_799_999 {
+            for t in [ms, ms + 86_399_999, ms + 43_200_001] {
+                let t = t.min(253_402_300_799_999);
+                let want = humantime::format_rfc3339_millis(
+                    UNIX_EPOCH + std::time::Duration::from_millis(t as u64),
+                )
+                .to_string();
+                assert_eq!(rfc3339(t), want, "at {t} ms");
+                checked += 1;
+            }
+            ms += 86_400_000 * 37 + 1_234;
+        }
+        assert!(checked > 200_000, "{checked}");
     }
 }
