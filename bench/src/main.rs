@@ -6,6 +6,7 @@
 //! prints a one-line summary. See docs/BENCHMARKS.md for the commands and the figures.
 
 mod herald;
+mod machine;
 mod mqtt;
 mod net;
 mod report;
@@ -95,6 +96,12 @@ struct Cli {
     /// WebSocket (or MQTT) handshakes in flight at once.
     #[arg(long, global = true, default_value_t = 256)]
     connect_concurrency: usize,
+
+    /// Skip measuring the machine before the run (about a second: a CPU loop on one and on two
+    /// threads, a system call, a loopback round trip; the report's `machine`). Only shard 0 of
+    /// a multi-process run measures it, so the processes do not measure each other.
+    #[arg(long, global = true)]
+    no_machine: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -414,6 +421,12 @@ async fn run(cli: Cli) -> Result<Value, String> {
         None => target,
     };
     let (shard, shards) = parse_shard(&cli.shard)?;
+    // Before any load: the figures describe the machine, not the run.
+    let machine = (shard == 0 && !cli.no_machine).then(|| {
+        let m = machine::measure();
+        eprintln!("{}", machine::line(&m));
+        m
+    });
     let needs_herald = !matches!(cli.command, Command::Mqtt { .. });
     let admin_token = match (&cli.admin_token, needs_herald) {
         (Some(t), _) => t.clone(),
@@ -522,6 +535,7 @@ async fn run(cli: Cli) -> Result<Value, String> {
             json!(std::env::args().collect::<Vec<_>>().join(" ")),
         );
         o.insert("source_addresses".into(), json!(sources.list()));
+        o.insert("machine".into(), machine.unwrap_or(Value::Null));
     }
     Ok(report)
 }

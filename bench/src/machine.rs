@@ -1,0 +1,166 @@
+//! A few figures of the machine itself, taken just before a run (the `machine` object of every
+//! report), so that runs made on different machines — or on the same one on another day — can
+//! be told apart before their figures are compared.
+//!
+//! Why: one of the project's machines ran the same build at a third of another's rate. Its two
+//! vCPUs slowed each other down (a loop took 1.8 s alone and 2.2–3.4 s with the other vCPU
+//! busy) and every system call cost more (kernel mitigations), and nothing in the reports said so.
+//!
+//! - `spin_one_thread_ms`: a fixed integer loop on one thread;
+//! - `spin_two_threads_ms`: the same loop on two threads at once (the slower one); their ratio,
+//!   `parallel_slowdown`, is ~1 where two cores are really two cores;
+//! - `syscall_ns`: one trivial system call (`getppid`), the floor under every socket operation;
+//! - `loopback_round_trip_us`: one byte to a thread and back over TCP on 127.0.0.1 (no Nagle),
+//!   the path every post, push and ack takes.
+//!
+//! Takes about a second, on an otherwise idle machine: run it before the load starts.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+/// Iterations of the spin loop: ~0.2–0.5 s on one core of the project's machines.
+const SPIN: u64 = 50_000_000;
+/// The table `spin` walks: 4 MiB of indices, past the per-core caches.
+const TABLE: usize = 1 << 20;
+const SYSCALLS: u32 = 200_000;
+const ROUND_TRIPS: u32 = 5_000;
+
+/// Four independent xorshift chains (they keep several execution units busy, as real code
+/// does, so two hardware threads of one core get in each other's way) and a dependent walk
+/// through a table larger than a core's caches (memory latency, shared caches).
+fn spin() -> f64 {
+    let mut table: Vec<u32> = (0..TABLE as u32).collect();
+    // A fixed shuffle into one long cycle (Sattolo), the same on every run.
+    let mut r: u64 = 0x2545_f491_4f6c_dd1d;
+    for i in (1..TABLE).rev() {
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        table.swap(i, (r % i as u64) as usize);
+    }
+    let t = Instant::now();
+    let mut x = [0x9e37_79b9_7f4a_7c15u64, 1, 2, 3];
+    let mut at = 0usize;
+    for i in 0..SPIN {
+        for v in &mut x {
+            *v ^= *v << 13;
+            *v ^= *v >> 7;
+            *v ^= *v << 17;
+        }
+        if i % 16 == 0 {
+            at = table[at] as usize;
+        }
+    }
+    std::hint::black_box((x, at));
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn syscall_ns() -> f64 {
+    let t = Instant::now();
+    for _ in 0..SYSCALLS {
+        // SAFETY: getppid has no preconditions and cannot fail.
+        std::hint::black_box(unsafe { libc::getppid() });
+    }
+    t.elapsed().as_secs_f64() * 1e9 / f64::from(SYSCALLS)
+}
+
+fn loopback_round_trip_us() -> Result<f64, std::io::Error> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> Result<(), std::io::Error> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 1];
+        for _ in 0..ROUND_TRIPS {
+            s.read_exact(&mut b)?;
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut b = [7u8; 1];
+    let t = Instant::now();
+    for _ in 0..ROUND_TRIPS {
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6 / f64::from(ROUND_TRIPS);
+    echo.join()
+        .map_err(|_| std::io::Error::other("echo thread panicked"))??;
+    Ok(us)
+}
+
+fn cpu_model() -> Value {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| json!(v.trim()))
+        })
+        .unwrap_or(Value::Null)
+}
+
+fn round(v: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    (v * f).round() / f
+}
+
+/// Measures the machine (see the module's notes).
+pub fn measure() -> Value {
+    let one = spin();
+    let two = {
+        let other = std::thread::spawn(spin);
+        let mine = spin();
+        mine.max(other.join().unwrap_or(f64::NAN))
+    };
+    json!({
+        "cpu_model": cpu_model(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "spin_one_thread_ms": round(one, 1),
+        "spin_two_threads_ms": round(two, 1),
+        "parallel_slowdown": round(two / one, 2),
+        "syscall_ns": round(syscall_ns(), 0),
+        "loopback_round_trip_us": loopback_round_trip_us().map(|v| round(v, 1)).ok(),
+    })
+}
+
+/// `machine: …` for the summary line's neighbour on stderr.
+pub fn line(m: &Value) -> String {
+    format!(
+        "machine: {} × {}; spin {} ms on one thread, {} ms on two (×{}); syscall {} ns; loopback round trip {} µs",
+        m["cpus"],
+        m["cpu_model"].as_str().unwrap_or("?"),
+        m["spin_one_thread_ms"],
+        m["spin_two_threads_ms"],
+        m["parallel_slowdown"],
+        m["syscall_ns"],
+        m["loopback_round_trip_us"],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quick_figures_are_measured_and_named_in_the_line() {
+        let ns = syscall_ns();
+        assert!(ns > 0.0 && ns < 1e6, "{ns}");
+        let rtt = loopback_round_trip_us().expect("loopback echo");
+        assert!(rtt > 0.0 && rtt < 1e5, "{rtt}");
+        let m = json!({"cpus": 2, "cpu_model": "X", "spin_one_thread_ms": 1.0,
+            "spin_two_threads_ms": 2.0, "parallel_slowdown": 2.0, "syscall_ns": ns.round(),
+            "loopback_round_trip_us": rtt});
+        let l = line(&m);
+        assert!(
+            l.starts_with("machine: 2 × X; spin 1.0 ms on one thread, 2.0 ms on two (×2.0)"),
+            "{l}"
+        );
+    }
+}
