@@ -350,3 +350,97 @@ fn earlier_answer(c: &mut DbConn, post: &PostInput, now: i64) -> QueryResult<Opt
     queries::forget_idempotency_key(c, row.seq)?;
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::queries::DeviceRow;
+    use crate::db::Backend;
+
+    fn post(id: &str, devices: &[&str]) -> PostInput {
+        PostInput {
+            id: id.into(),
+            poster: "admin".into(),
+            idempotency_key: None,
+            request_hash: None,
+            user_ids: Vec::new(),
+            device_ids: devices.iter().map(|d| d.to_string()).collect(),
+            payload: "{}".into(),
+            ttl_ms: 60_000,
+        }
+    }
+
+    fn seqs(r: &BatchResult) -> Vec<i64> {
+        r.posts
+            .iter()
+            .map(|p| match p {
+                PostOutcome::Created { seq, .. } => *seq,
+                other => panic!("not created: {other:?}"),
+            })
+            .collect()
+    }
+
+    /// On SQLite the writer numbers a batch's posts itself: in the batch's order, each
+    /// delivery under its own notification's seq, and never a seq used before — not even
+    /// one whose notification is gone (purged).
+    #[test]
+    fn sqlite_seqs_follow_the_batch_and_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend =
+            Backend::from_url(&format!("sqlite://{}", dir.path().join("t.db").display())).unwrap();
+        backend.migrate().unwrap();
+        let mut c = backend.connect().unwrap();
+        for d in ["d1", "d2"] {
+            queries::insert_device(
+                &mut c,
+                &DeviceRow {
+                    id: d.into(),
+                    user_id: "u".into(),
+                    name: d.into(),
+                    token_hash: format!("hash-{d}"),
+                    created_at: 0,
+                    revoked_at: None,
+                    last_seen: None,
+                },
+            )
+            .unwrap();
+        }
+        let batch = |posts| WriteBatch {
+            posts,
+            ..WriteBatch::default()
+        };
+        let first = commit(
+            &mut c,
+            &batch(vec![
+                post("n1", &["d1"]),
+                post("n2", &["d2"]),
+                post("n3", &["d1", "d2"]),
+            ]),
+            1_000,
+        )
+        .unwrap();
+        assert_eq!(seqs(&first), vec![1, 2, 3]);
+        let devices_of = |c: &mut DbConn, seq| -> Vec<String> {
+            let mut d: Vec<String> = queries::deliveries_of(c, seq)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.device_id)
+                .collect();
+            d.sort();
+            d
+        };
+        assert_eq!(devices_of(&mut c, 1), ["d1"]);
+        assert_eq!(devices_of(&mut c, 2), ["d2"]);
+        assert_eq!(devices_of(&mut c, 3), ["d1", "d2"]);
+        for (seq, id) in [(1, "n1"), (2, "n2"), (3, "n3")] {
+            let n = queries::notification_by_id(&mut c, id).unwrap().unwrap();
+            assert_eq!(n.seq, seq, "{id}");
+        }
+
+        // The newest notifications purged: their seqs stay used.
+        queries::delete_notifications(&mut c, &[2, 3]).unwrap();
+        let second = commit(&mut c, &batch(vec![post("n4", &["d2"])]), 2_000).unwrap();
+        assert_eq!(seqs(&second), vec![4]);
+        assert_eq!(devices_of(&mut c, 4), ["d2"]);
+    }
+}

@@ -20,7 +20,7 @@ use diesel::sql_types::{BigInt, Integer, Nullable, Text, Untyped};
 use diesel::sqlite::Sqlite;
 use diesel::{QueryResult, RunQueryDsl};
 
-/// The largest chunk: 256 rows of at most 8 parameters, far below SQLite's limit of 32,766.
+/// The largest chunk: 256 rows of at most 9 parameters, far below SQLite's limit of 32,766.
 const MAX_CHUNK: usize = 256;
 
 /// The text of one batch statement: `HEAD`, then the rows, each `ROW` and separated by `", "`,
@@ -129,6 +129,20 @@ pub fn execute_one<S: RowsSql, R: BindRow>(
     Rows::<S, R, 1>::new(at, std::slice::from_ref(row)).execute(conn)
 }
 
+/// Runs the query `S` over one row; returns its answer's first row, if any.
+pub fn load_one<S: RowsSql, R: BindRow, T>(
+    conn: &mut diesel::SqliteConnection,
+    row: &R,
+) -> QueryResult<Option<T>>
+where
+    T: diesel::QueryableByName<Sqlite> + 'static,
+{
+    use diesel::OptionalExtension;
+    Rows::<S, R, 1>::new(0, std::slice::from_ref(row))
+        .get_result(conn)
+        .optional()
+}
+
 /// Runs the query `S` over `rows` (chunk by chunk); returns every chunk's answer.
 pub fn load<S: RowsSql, R: BindRow, T>(
     conn: &mut diesel::SqliteConnection,
@@ -213,8 +227,8 @@ macro_rules! bind_row {
 
 bind_row! {
     (&str: Text, i64: BigInt) => 0, 1;
-    (&str: Text, &str: Text) => 0, 1;
     (
+        i64: BigInt,
         &str: Text,
         &str: Text,
         i64: BigInt,
@@ -223,7 +237,17 @@ bind_row! {
         Option<&str>: Nullable<Text>,
         Option<&str>: Nullable<Text>,
         i32: Integer
-    ) => 0, 1, 2, 3, 4, 5, 6, 7;
+    ) => 0, 1, 2, 3, 4, 5, 6, 7, 8;
+    (&str: Text, &str: Text) => 0, 1;
+}
+
+/// A statement whose one row has no values.
+impl BindRow for () {
+    fn bind_nth<'b>(&'b self, i: usize, _: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        Err(diesel::result::Error::QueryBuilderError(
+            format!("no value {i} in an empty row").into(),
+        ))
+    }
 }
 
 impl BindRow for String {

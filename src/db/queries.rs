@@ -72,7 +72,14 @@ pub struct NewNotificationRow<'a> {
     pub device_count: i32,
 }
 
-/// A created notification's id and `seq` (`RETURNING`).
+/// A `seq` (SQLite's `LastSeq`).
+#[derive(QueryableByName)]
+struct Seq {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    seq: i64,
+}
+
+/// A created notification's id and `seq` (`RETURNING`, PostgreSQL).
 #[derive(QueryableByName)]
 struct IdSeq {
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -82,15 +89,28 @@ struct IdSeq {
 }
 
 rows_sql! {
-    /// Rows `(id, poster, created_at, expires_at, payload, idempotency_key, request_hash,
-    /// device_count)`.
+    /// The last `seq` ever given (AUTOINCREMENT keeps it in `sqlite_sequence`; the table's own
+    /// largest as well, in case that row was ever edited), 0 before the first notification. No
+    /// row values; run as one empty row.
+    LastSeq = (
+        concat!(
+            "SELECT max(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'notifications'), 0), ",
+            "COALESCE((SELECT max(seq) FROM notifications), 0)) AS seq"
+        ),
+        "",
+        ""
+    );
+    /// Rows `(seq, id, poster, created_at, expires_at, payload, idempotency_key, request_hash,
+    /// device_count)`. The single writer numbers a batch's posts itself, from `LastSeq`: a
+    /// `RETURNING` made SQLite collect the rows in a temporary B-tree and hand back a text id
+    /// per row to be matched up again.
     InsertNotifications = (
         concat!(
-            "INSERT INTO notifications (id, poster, created_at, expires_at, payload, ",
+            "INSERT INTO notifications (seq, id, poster, created_at, expires_at, payload, ",
             "idempotency_key, request_hash, device_count) VALUES "
         ),
-        "(?, ?, ?, ?, ?, ?, ?, ?)",
-        " RETURNING id, seq"
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ""
     );
     /// Rows `(device_id, notification_seq)`.
     InsertDeliveries = (
@@ -321,8 +341,9 @@ pub fn find_idempotent(
 /// Inserts notifications and their pending deliveries, `(device_id, notification id)`; returns
 /// the notifications' `seq`s, in the order of `rows`. On PostgreSQL this is one statement (one
 /// round trip): the deliveries take their `seq`s from the notifications' `RETURNING` inside it,
-/// and the rows travel as arrays, so the text is the same for every batch. On SQLite, two
-/// statements kept prepared (`fixed`'s chunks).
+/// and the rows travel as arrays, so the text is the same for every batch. On SQLite, the
+/// writer numbers the posts itself (`LastSeq`), then two statements kept prepared (`fixed`'s
+/// chunks).
 pub fn insert_posts(
     conn: &mut DbConn,
     rows: &[NewNotificationRow<'_>],
@@ -361,10 +382,15 @@ pub fn insert_posts(
         .bind::<Array<Text>, _>(targets.iter().map(|(_, id)| *id).collect::<Vec<_>>())
         .load(c)?,
         DbConn::Sqlite(c) => {
+            // SQLite has one writer (this thread, in this transaction), so the batch's posts
+            // take the next seqs in order; the table's AUTOINCREMENT then records the last.
+            let last = fixed::load_one::<LastSeq, _, Seq>(c, &())?.map_or(0, |r| r.seq);
             let values: Vec<_> = rows
                 .iter()
-                .map(|r| {
+                .zip(last + 1..)
+                .map(|(r, seq)| {
                     (
+                        seq,
                         r.id,
                         r.poster,
                         r.created_at,
@@ -376,17 +402,17 @@ pub fn insert_posts(
                     )
                 })
                 .collect();
-            fixed::load::<InsertNotifications, _, _>(c, &values)?
+            fixed::execute::<InsertNotifications, _>(c, 0, &values)?;
+            let seq_of: HashMap<&str, i64> = rows.iter().map(|r| r.id).zip(last + 1..).collect();
+            let deliveries: Vec<(&str, i64)> = targets
+                .iter()
+                .map(|(device, id)| (*device, seq_of[*id]))
+                .collect();
+            fixed::execute::<InsertDeliveries, _>(c, 0, &deliveries)?;
+            return Ok((last + 1..).take(rows.len()).collect());
         }
     };
     let by_id: HashMap<String, i64> = created.into_iter().map(|r| (r.id, r.seq)).collect();
-    if let DbConn::Sqlite(c) = conn {
-        let deliveries: Vec<(&str, i64)> = targets
-            .iter()
-            .map(|(device, id)| (*device, by_id[*id]))
-            .collect();
-        fixed::execute::<InsertDeliveries, _>(c, 0, &deliveries)?;
-    }
     Ok(rows.iter().map(|r| by_id[r.id]).collect())
 }
 
