@@ -240,6 +240,11 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(SecretKind::of(&a), Some(SecretKind::ServiceKey));
         assert_eq!(a.len(), "hsk_".len() + 64);
+        // The stored form must never change: every token hash in a database depends on it.
+        assert_eq!(
+            hash_secret("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         let h = hash_secret(&a);
         assert_eq!(h.len(), 64);
         assert!(!h.contains(&a[4..]));

@@ -118,7 +118,8 @@ rows_sql! {
         "(?, ?, 0)",
         ""
     );
-    // Marks and acks go one row per run (`fixed::execute_one`): an `UPDATE … FROM (VALUES …)`
+    // Marks and acks go one row per run (`fixed::execute_one`; their text is valid for one row
+    // only, so never `fixed::execute` them): an `UPDATE … FROM (VALUES …)`
     // over many rows made SQLite build a temporary B-tree of the join on every run, and cost
     // 2–3 times as many instructions per row as a key look-up per row does (`benches/writer.rs`).
     /// One row `(device_id, notification_seq)`; pending, it becomes delivered at the batch's time.
@@ -343,7 +344,8 @@ pub fn find_idempotent(
 /// round trip): the deliveries take their `seq`s from the notifications' `RETURNING` inside it,
 /// and the rows travel as arrays, so the text is the same for every batch. On SQLite, the
 /// writer numbers the posts itself (`LastSeq`), then two statements kept prepared (`fixed`'s
-/// chunks).
+/// chunks) — which is right only inside the single writer's transaction (`write_tx`, `BEGIN
+/// IMMEDIATE`), where nothing else can take a seq between the read and the insert.
 pub fn insert_posts(
     conn: &mut DbConn,
     rows: &[NewNotificationRow<'_>],
@@ -536,7 +538,7 @@ pub struct Acked {
 
 /// Acks many devices' notifications by id; other devices' deliveries and unknown ids are ignored.
 /// The caller learns how many deliveries this made delivered as well (those still pending become
-/// delivered and acked at once). SQLite: two statements, pending ones then delivered ones.
+/// delivered and acked at once). SQLite: per row, one or two cached key look-ups.
 pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> QueryResult<Acked> {
     use diesel::sql_types::{Array, BigInt, Text};
     if acks.is_empty() {
@@ -585,16 +587,38 @@ pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> Qu
             done.delivered = n.delivered as usize;
         }
         DbConn::Sqlite(c) => {
+            // A delivery is either marked already (delivered → acked) or still pending (an ack
+            // that overtook its mark: pending → delivered and acked at once). Which one a
+            // batch's acks mostly find depends on the rate, so each row tries first what the
+            // row before it found, and the second statement runs only on a miss.
+            let mut expect_delivered = true;
             for (device, ids) in acks {
                 for id in ids {
                     let row = (&**device, &**id);
-                    // Most acks find their delivery marked already; those that do not were
-                    // pending, and become delivered and acked at once.
-                    if fixed::execute_one::<AckDelivered, _>(c, at, &row)? > 0 {
+                    let delivered = |c: &mut diesel::SqliteConnection| {
+                        fixed::execute_one::<AckDelivered, _>(c, at, &row).map(|n| n > 0)
+                    };
+                    let pending = |c: &mut diesel::SqliteConnection| {
+                        fixed::execute_one::<AckPending, _>(c, at, &row).map(|n| n > 0)
+                    };
+                    let (was_delivered, was_pending) = if expect_delivered {
+                        if delivered(c)? {
+                            (true, false)
+                        } else {
+                            (false, pending(c)?)
+                        }
+                    } else if pending(c)? {
+                        (false, true)
+                    } else {
+                        (delivered(c)?, false)
+                    };
+                    if was_delivered {
                         done.acked += 1;
-                    } else if fixed::execute_one::<AckPending, _>(c, at, &row)? > 0 {
+                        expect_delivered = true;
+                    } else if was_pending {
                         done.acked += 1;
                         done.delivered += 1;
+                        expect_delivered = false;
                     }
                 }
             }
