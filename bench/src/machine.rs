@@ -17,7 +17,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Instant;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -31,7 +32,7 @@ const ROUND_TRIPS: u32 = 5_000;
 /// Four independent xorshift chains (they keep several execution units busy, as real code
 /// does, so two hardware threads of one core get in each other's way) and a dependent walk
 /// through a table larger than a core's caches (memory latency, shared caches).
-fn spin() -> f64 {
+fn spin(start: &Barrier) -> f64 {
     let mut table: Vec<u32> = (0..TABLE as u32).collect();
     // A fixed shuffle into one long cycle (Sattolo), the same on every run.
     let mut r: u64 = 0x2545_f491_4f6c_dd1d;
@@ -41,6 +42,8 @@ fn spin() -> f64 {
         r ^= r << 17;
         table.swap(i, (r % i as u64) as usize);
     }
+    // Both threads' timed loops start together (the shuffle above is not timed).
+    start.wait();
     let t = Instant::now();
     let mut x = [0x9e37_79b9_7f4a_7c15u64, 1, 2, 3];
     let mut at = 0usize;
@@ -73,6 +76,7 @@ fn loopback_round_trip_us() -> Result<f64, std::io::Error> {
     let echo = std::thread::spawn(move || -> Result<(), std::io::Error> {
         let (mut s, _) = listener.accept()?;
         s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut b = [0u8; 1];
         for _ in 0..ROUND_TRIPS {
             s.read_exact(&mut b)?;
@@ -80,8 +84,11 @@ fn loopback_round_trip_us() -> Result<f64, std::io::Error> {
         }
         Ok(())
     });
+    // Should the connect fail, the echo thread stays in `accept` until the process ends: a
+    // parked thread, nothing more.
     let mut c = TcpStream::connect(addr)?;
     c.set_nodelay(true)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut b = [7u8; 1];
     let t = Instant::now();
     for _ in 0..ROUND_TRIPS {
@@ -113,12 +120,18 @@ fn round(v: f64, places: i32) -> f64 {
 
 /// Measures the machine (see the module's notes).
 pub fn measure() -> Value {
-    let one = spin();
+    let one = spin(&Barrier::new(1));
     let two = {
-        let other = std::thread::spawn(spin);
-        let mine = spin();
-        mine.max(other.join().unwrap_or(f64::NAN))
+        let start = std::sync::Arc::new(Barrier::new(2));
+        let theirs = start.clone();
+        let other = std::thread::spawn(move || spin(&theirs));
+        let mine = spin(&start);
+        // A thread that cannot panic; were it to, the figure is missing rather than wrong.
+        other.join().map(|o| mine.max(o)).unwrap_or(f64::NAN)
     };
+    let loopback = loopback_round_trip_us()
+        .map_err(|e| eprintln!("herald-bench: loopback round trip not measured: {e}"))
+        .ok();
     json!({
         "cpu_model": cpu_model(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -126,7 +139,7 @@ pub fn measure() -> Value {
         "spin_two_threads_ms": round(two, 1),
         "parallel_slowdown": round(two / one, 2),
         "syscall_ns": round(syscall_ns(), 0),
-        "loopback_round_trip_us": loopback_round_trip_us().map(|v| round(v, 1)).ok(),
+        "loopback_round_trip_us": loopback.map(|v| round(v, 1)),
     })
 }
 

@@ -98,8 +98,9 @@ struct Cli {
     connect_concurrency: usize,
 
     /// Skip measuring the machine before the run (about a second: a CPU loop on one and on two
-    /// threads, a system call, a loopback round trip; the report's `machine`). Only shard 0 of
-    /// a multi-process run measures it, so the processes do not measure each other.
+    /// threads, a system call, a loopback round trip; the report's `machine`). A multi-process
+    /// run (`--shard i/n`, n > 1) never measures it — the processes would measure each other's
+    /// set-up: run `herald-bench machine` before it instead.
     #[arg(long, global = true)]
     no_machine: bool,
 
@@ -137,6 +138,9 @@ enum Command {
         #[arg(long, default_value_t = 60.0)]
         replay_timeout: f64,
     },
+    /// Measures the machine only (the `machine` object every single-process run records) and
+    /// prints it as JSON; needs no server. Run it before a multi-process run.
+    Machine,
     /// Adds up the JSON reports of several `deliver` processes of one run (rates, counts,
     /// merged latency histograms); needs no server.
     Sum {
@@ -421,18 +425,18 @@ async fn run(cli: Cli) -> Result<Value, String> {
         None => target,
     };
     let (shard, shards) = parse_shard(&cli.shard)?;
-    // Before any load: the figures describe the machine, not the run.
-    let machine = (shard == 0 && !cli.no_machine).then(|| {
-        let m = machine::measure();
-        eprintln!("{}", machine::line(&m));
-        m
-    });
     let needs_herald = !matches!(cli.command, Command::Mqtt { .. });
     let admin_token = match (&cli.admin_token, needs_herald) {
         (Some(t), _) => t.clone(),
         (None, false) => String::new(),
         (None, true) => return Err("--admin-token (or HERALD_ADMIN_TOKEN) is required".into()),
     };
+    // Before any load: the figures describe the machine, not the run.
+    let machine = (shards == 1 && !cli.no_machine).then(|| {
+        let m = machine::measure();
+        eprintln!("{}", machine::line(&m));
+        m
+    });
     let run_id = format!("{:x}s{shard}", (report::now_ns() / 1_000_000) & 0xffff_ffff);
     // Every run starts at another source address (see `Sources::new`).
     let offset = ((report::now_ns() / 1_000_000_000) % 252) as usize;
@@ -521,7 +525,7 @@ async fn run(cli: Cli) -> Result<Value, String> {
             };
             json!({"scenario": "compare", "herald": h, "mqtt": q, "ratio_acked_per_s": ratio})
         }
-        Command::Sum { .. } => unreachable!("handled in main"),
+        Command::Sum { .. } | Command::Machine => unreachable!("handled in main"),
     };
     if let Value::Object(o) = &mut report {
         o.insert("label".into(), json!(cli.label));
@@ -543,6 +547,17 @@ async fn run(cli: Cli) -> Result<Value, String> {
 fn main() {
     let cli = Cli::parse();
     let out = cli.out.clone();
+    if let Command::Machine = &cli.command {
+        let m = machine::measure();
+        if let Some(path) = out.as_deref() {
+            if let Err(e) = report::write(path, &m) {
+                eprintln!("herald-bench: cannot write {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
+        println!("{}", machine::line(&m));
+        return;
+    }
     if let Command::Sum { reports } = &cli.command {
         finish(out.as_deref(), report::sum(reports), deliver_summary);
         return;
