@@ -355,9 +355,10 @@ pub fn insert_posts(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let created: Vec<IdSeq> = match conn {
-        DbConn::Pg(c) => diesel::sql_query(
-            "WITH n AS ( \
+    match conn {
+        DbConn::Pg(c) => {
+            let created: Vec<IdSeq> = diesel::sql_query(
+                "WITH n AS ( \
                INSERT INTO notifications (id, poster, created_at, expires_at, payload, \
                  idempotency_key, request_hash, device_count) \
                SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], \
@@ -369,20 +370,25 @@ pub fn insert_posts(
                FROM unnest($9::text[], $10::text[]) AS t(device_id, id) JOIN n ON n.id = t.id \
              ) \
              SELECT id, seq FROM n",
-        )
-        .bind::<Array<Text>, _>(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(rows.iter().map(|r| r.poster).collect::<Vec<_>>())
-        .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-        .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.expires_at).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(rows.iter().map(|r| r.payload).collect::<Vec<_>>())
-        .bind::<Array<Nullable<Text>>, _>(
-            rows.iter().map(|r| r.idempotency_key).collect::<Vec<_>>(),
-        )
-        .bind::<Array<Nullable<Text>>, _>(rows.iter().map(|r| r.request_hash).collect::<Vec<_>>())
-        .bind::<Array<Integer>, _>(rows.iter().map(|r| r.device_count).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(targets.iter().map(|(d, _)| *d).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(targets.iter().map(|(_, id)| *id).collect::<Vec<_>>())
-        .load(c)?,
+            )
+            .bind::<Array<Text>, _>(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(rows.iter().map(|r| r.poster).collect::<Vec<_>>())
+            .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+            .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.expires_at).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(rows.iter().map(|r| r.payload).collect::<Vec<_>>())
+            .bind::<Array<Nullable<Text>>, _>(
+                rows.iter().map(|r| r.idempotency_key).collect::<Vec<_>>(),
+            )
+            .bind::<Array<Nullable<Text>>, _>(
+                rows.iter().map(|r| r.request_hash).collect::<Vec<_>>(),
+            )
+            .bind::<Array<Integer>, _>(rows.iter().map(|r| r.device_count).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(targets.iter().map(|(d, _)| *d).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(targets.iter().map(|(_, id)| *id).collect::<Vec<_>>())
+            .load(c)?;
+            let by_id: HashMap<String, i64> = created.into_iter().map(|r| (r.id, r.seq)).collect();
+            Ok(rows.iter().map(|r| by_id[r.id]).collect())
+        }
         DbConn::Sqlite(c) => {
             // SQLite has one writer (this thread, in this transaction), so the batch's posts
             // take the next seqs in order; the table's AUTOINCREMENT then records the last.
@@ -411,11 +417,9 @@ pub fn insert_posts(
                 .map(|(device, id)| (*device, seq_of[*id]))
                 .collect();
             fixed::execute::<InsertDeliveries, _>(c, 0, &deliveries)?;
-            return Ok((last + 1..).take(rows.len()).collect());
+            Ok((last + 1..).take(rows.len()).collect())
         }
-    };
-    let by_id: HashMap<String, i64> = created.into_iter().map(|r| (r.id, r.seq)).collect();
-    Ok(rows.iter().map(|r| by_id[r.id]).collect())
+    }
 }
 
 /// Frees an idempotency key older than the window for reuse.
@@ -591,34 +595,29 @@ pub fn ack_all(conn: &mut DbConn, acks: &[(String, Vec<String>)], at: i64) -> Qu
             // that overtook its mark: pending → delivered and acked at once). Which one a
             // batch's acks mostly find depends on the rate, so each row tries first what the
             // row before it found, and the second statement runs only on a miss.
-            let mut expect_delivered = true;
+            let ack = |c: &mut diesel::SqliteConnection, row: &(&str, &str), pending: bool| {
+                let n = if pending {
+                    fixed::execute_one::<AckPending, _>(c, at, row)?
+                } else {
+                    fixed::execute_one::<AckDelivered, _>(c, at, row)?
+                };
+                QueryResult::Ok(n > 0)
+            };
+            let mut expect_pending = false;
             for (device, ids) in acks {
                 for id in ids {
                     let row = (&**device, &**id);
-                    let delivered = |c: &mut diesel::SqliteConnection| {
-                        fixed::execute_one::<AckDelivered, _>(c, at, &row).map(|n| n > 0)
-                    };
-                    let pending = |c: &mut diesel::SqliteConnection| {
-                        fixed::execute_one::<AckPending, _>(c, at, &row).map(|n| n > 0)
-                    };
-                    let (was_delivered, was_pending) = if expect_delivered {
-                        if delivered(c)? {
-                            (true, false)
-                        } else {
-                            (false, pending(c)?)
-                        }
-                    } else if pending(c)? {
-                        (false, true)
+                    let found = if ack(c, &row, expect_pending)? {
+                        Some(expect_pending)
+                    } else if ack(c, &row, !expect_pending)? {
+                        Some(!expect_pending)
                     } else {
-                        (delivered(c)?, false)
+                        None
                     };
-                    if was_delivered {
+                    if let Some(was_pending) = found {
                         done.acked += 1;
-                        expect_delivered = true;
-                    } else if was_pending {
-                        done.acked += 1;
-                        done.delivered += 1;
-                        expect_delivered = false;
+                        done.delivered += usize::from(was_pending);
+                        expect_pending = was_pending;
                     }
                 }
             }
