@@ -10,6 +10,7 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://herald.db";
 pub const DEFAULT_DB_POOL_SIZE: u32 = 4;
 pub const DEFAULT_DB_QUEUE_LIMIT: u64 = 1024;
 pub const DEFAULT_DB_DEADLINE_MS: u64 = 3_000;
+pub const DEFAULT_MIN_COMMIT_INTERVAL_US: u64 = 1_000;
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 15_000;
 pub const DEFAULT_WS_MAX_FRAME_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 512 * 1024;
@@ -87,6 +88,13 @@ pub struct ServeArgs {
     /// How long a request waits for the database before it is answered 503.
     #[arg(long, env = "HERALD_DB_DEADLINE_MS", default_value_t = DEFAULT_DB_DEADLINE_MS)]
     pub db_deadline_ms: u64,
+
+    /// Shortest time between the starts of two write transactions while posts keep arriving:
+    /// posts that arrive within it share the next commit and its disk sync. A post arriving
+    /// when the last one started longer ago is committed at once; 0 commits whenever the writer
+    /// is free.
+    #[arg(long, env = "HERALD_MIN_COMMIT_INTERVAL_US", default_value_t = DEFAULT_MIN_COMMIT_INTERVAL_US)]
+    pub min_commit_interval_us: u64,
 
     /// Interval of server pings; a session silent for two intervals is closed.
     #[arg(long, env = "HERALD_HEARTBEAT_INTERVAL_MS", default_value_t = DEFAULT_HEARTBEAT_INTERVAL_MS)]
@@ -185,6 +193,7 @@ impl ServeArgs {
             db_pool_size: DEFAULT_DB_POOL_SIZE,
             db_queue_limit: DEFAULT_DB_QUEUE_LIMIT,
             db_deadline_ms: DEFAULT_DB_DEADLINE_MS,
+            min_commit_interval_us: DEFAULT_MIN_COMMIT_INTERVAL_US,
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             ws_max_frame_bytes: DEFAULT_WS_MAX_FRAME_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,

@@ -93,6 +93,7 @@ impl Application {
             &metrics.job_duration,
         )?;
         let counters = Arc::new(Counters::default());
+        let min_commit_interval = Duration::from_micros(args.min_commit_interval_us);
         let auth_cache: Arc<AuthCache> = Arc::default();
         // On PostgreSQL a node is one of possibly several: presence lives in the database,
         // commits are announced over LISTEN/NOTIFY and published in the cluster's commit order.
@@ -101,8 +102,9 @@ impl Application {
         let (presence, committer) = match &backend {
             Backend::Sqlite(_) => {
                 let presence = Presence::default().start();
-                let committer =
-                    Committer::new(db.clone(), presence.clone(), counters.clone()).start();
+                let committer = Committer::new(db.clone(), presence.clone(), counters.clone())
+                    .min_interval(min_commit_interval)
+                    .start();
                 (presence, committer)
             }
             Backend::Postgres(url) => {
@@ -154,6 +156,7 @@ impl Application {
                 .await
                 .map_err(|e| StartError::Cluster(format!("cannot register node {node}: {e}")))?;
                 let committer = Committer::new(db.clone(), presence.clone(), counters.clone())
+                    .min_interval(min_commit_interval)
                     .in_cluster(node.clone(), run, router)
                     .start();
                 presence.do_send(SetCommitter(committer.clone()));

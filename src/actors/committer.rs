@@ -113,6 +113,12 @@ pub struct Committer {
     flush_queued: bool,
     /// A deferred flush is scheduled (see [`DEFER`]).
     defer_armed: bool,
+    /// Shortest time between the starts of two batches while urgent work keeps coming.
+    min_interval: Duration,
+    /// When the last batch started.
+    last_start: Option<Instant>,
+    /// A wake-up is due when `min_interval` since `last_start` has passed.
+    interval_armed: bool,
     /// Since when deferred work has waited, so it waits [`DEFER`] in all, not per timer.
     deferred_since: Option<Instant>,
     /// After a failed batch, nothing is written before this (see [`RETRY_PAUSE`]).
@@ -151,11 +157,21 @@ impl Committer {
             writing: false,
             flush_queued: false,
             defer_armed: false,
+            min_interval: Duration::ZERO,
+            last_start: None,
+            interval_armed: false,
             deferred_since: None,
             retry_at: None,
             cluster: None,
             online_waiters: Vec::new(),
         }
+    }
+
+    /// Spaces the starts of batches at least `interval` apart while work keeps coming (see
+    /// `HERALD_MIN_COMMIT_INTERVAL_US`).
+    pub fn min_interval(mut self, interval: Duration) -> Self {
+        self.min_interval = interval;
+        self
     }
 
     /// Makes this Committer one node's of several.
@@ -170,7 +186,8 @@ impl Committer {
     }
 
     /// Asks for a flush after the messages already in the mailbox, so they join this batch —
-    /// at once if anyone waits for it, else within [`DEFER`] (see [`Committer::urgent`]).
+    /// as soon as `min_interval` has passed since the last batch started if anyone waits for it,
+    /// else within [`DEFER`] (see [`Committer::urgent`]).
     fn wake(&mut self, ctx: &mut Context<Self>) {
         if self.writing || self.flush_queued {
             return;
@@ -180,7 +197,21 @@ impl Committer {
             return;
         }
         if self.urgent() {
-            self.flush_now(ctx);
+            // Back-to-back batches at a moderate rate each carried a post or two and paid a
+            // whole commit (and sync) apiece; waiting out the interval lets the posts arriving
+            // meanwhile share one. A writer idle for longer than the interval adds no wait.
+            let left = self.last_start.map_or(Duration::ZERO, |at| {
+                self.min_interval.saturating_sub(at.elapsed())
+            });
+            if left.is_zero() || self.next_rows >= DEFER_MAX_ROWS {
+                self.flush_now(ctx);
+            } else if !self.interval_armed {
+                self.interval_armed = true;
+                ctx.run_later(left, |act, ctx| {
+                    act.interval_armed = false;
+                    act.wake(ctx);
+                });
+            }
             return;
         }
         if self.next.is_empty() {
@@ -538,6 +569,7 @@ impl Handler<Flush> for Committer {
             return;
         }
         self.writing = true;
+        self.last_start = Some(Instant::now());
         Counters::set(&self.counters.writing_since_ms, now_ms().max(1) as u64);
         let db = self.db.clone();
         let batch = Arc::new(batch);

@@ -401,3 +401,43 @@ async fn ten_thousand_acks_are_not_ten_thousand_commits(b: Backend) {
         "{transactions} transactions for 10,000 acks: {stats}"
     );
 }
+
+both_backends!(posts_in_quick_succession_share_a_commit_and_a_lone_post_waits_for_none);
+
+/// `HERALD_MIN_COMMIT_INTERVAL_US`: posts arriving within the interval after a write
+/// transaction started wait for it to pass and share one commit; a post arriving after a longer
+/// quiet spell is committed at once. (An interval of a full second makes both visible.)
+async fn posts_in_quick_succession_share_a_commit_and_a_lone_post_waits_for_none(b: Backend) {
+    let app = spawn_app_with(b, |a| a.min_commit_interval_us = 1_000_000).await;
+    let key = app.service_key().await;
+    let devices = make_devices(&app, &key, 1, 1).await;
+    let transactions = || async {
+        app.stats().await["writes"]["transactions"]
+            .as_u64()
+            .unwrap()
+    };
+    // Quiet for longer than the interval: the lone post is not held back.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let before = transactions().await;
+    let t = Instant::now();
+    let id = app.notify_device(&key, &devices[0], json!("lone")).await;
+    let lone = t.elapsed();
+    assert!(
+        lone < Duration::from_millis(600),
+        "a lone post took {lone:?}"
+    );
+    assert_eq!(transactions().await, before + 1);
+
+    // Twenty posts right behind it wait out the rest of the interval and go in one commit.
+    let t = Instant::now();
+    let posts = (0..20).map(|i| app.notify(&key, json!({"user_id": "user-0", "payload": i})));
+    for (status, body) in futures_util::future::join_all(posts).await {
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let burst = t.elapsed();
+    assert!(
+        burst >= Duration::from_millis(300),
+        "the burst was not held for the interval: {burst:?} (lone post: {lone:?})"
+    );
+    assert_eq!(transactions().await, before + 2, "lone post {id}");
+}
