@@ -89,11 +89,13 @@ pub struct ServeArgs {
     #[arg(long, env = "HERALD_DB_DEADLINE_MS", default_value_t = DEFAULT_DB_DEADLINE_MS)]
     pub db_deadline_ms: u64,
 
-    /// Shortest time between the starts of two write transactions while posts keep arriving:
-    /// posts that arrive within it share the next commit and its disk sync. A post arriving
-    /// when the last one started longer ago is committed at once; 0 commits whenever the writer
-    /// is free.
-    #[arg(long, env = "HERALD_MIN_COMMIT_INTERVAL_US", default_value_t = DEFAULT_MIN_COMMIT_INTERVAL_US)]
+    /// Shortest time between the starts of two write transactions while work someone waits on
+    /// (posts, a replay's barrier, presence rows) keeps arriving: what arrives within it shares
+    /// the next commit and its disk sync. A post arriving when the last transaction started
+    /// longer ago is committed at once; 0 commits whenever the writer is free. At most 100 ms
+    /// (100000); the timer's resolution is 1 ms.
+    #[arg(long, env = "HERALD_MIN_COMMIT_INTERVAL_US", default_value_t = DEFAULT_MIN_COMMIT_INTERVAL_US,
+          value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub min_commit_interval_us: u64,
 
     /// Interval of server pings; a session silent for two intervals is closed.

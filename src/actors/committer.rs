@@ -1,8 +1,10 @@
 //! The Committer: gathers posts, acks, delivery marks and last-seen times and hands them to the
 //! writer thread as whole batches — one transaction each (group commit, DESIGN.md invariant 5).
 //!
-//! A post waits for no timer: while one batch is being written, everything that arrives waits for
-//! the next, so an idle node commits at once and a busy one commits in large batches. Acks,
+//! While one batch is being written, everything that arrives waits for the next, so an idle node
+//! commits at once and a busy one commits in large batches; batches start at least
+//! `min_interval` (`HERALD_MIN_COMMIT_INTERVAL_US`) apart, so at moderate rates the posts of
+//! that interval share one commit instead of paying one apiece. Acks,
 //! delivery marks and last-seen times, which nobody waits on, wait up to `DEFER` to share a
 //! post's commit rather than start one of their own. After a batch
 //! commits, its new notifications go to the Presence actor in `seq` order (persist, then push:
@@ -32,6 +34,8 @@ use crate::stats::Counters;
 const MAX_BATCH_WEIGHT: usize = 20_000;
 /// Posts that may wait for a batch before new ones are refused with `503`.
 const MAX_WAITING_POSTS: usize = 20_000;
+/// Posts waiting past which a batch starts without waiting out the commit interval.
+const POSTS_SKIP_INTERVAL: usize = 2_000;
 /// Acks, marks and last-seen updates kept for a retry when the database is away; past this the
 /// oldest are dropped (they are only redelivered or shown a little stale, never lost as data).
 const MAX_BACKLOG: usize = 200_000;
@@ -203,7 +207,10 @@ impl Committer {
             let left = self.last_start.map_or(Duration::ZERO, |at| {
                 self.min_interval.saturating_sub(at.elapsed())
             });
-            if left.is_zero() || self.next_rows >= DEFER_MAX_ROWS {
+            if left.is_zero()
+                || self.next_rows >= DEFER_MAX_ROWS
+                || self.posts.len() >= POSTS_SKIP_INTERVAL
+            {
                 self.flush_now(ctx);
             } else if !self.interval_armed {
                 self.interval_armed = true;
@@ -243,7 +250,8 @@ impl Committer {
     /// own, a device's mark and ack made two more commits per notification at low rates.
     /// The status API, `/v1/stats` and `last_seen` show them up to [`DEFER`] later; a replay on
     /// this node waits behind a barrier, which is urgent. In a cluster a device may reconnect to
-    /// another node, whose replay cannot wait on this node's barrier, so acks go at once there.
+    /// another node, whose replay cannot wait on this node's barrier, so acks go with the next
+    /// batch there (within the commit interval).
     fn urgent(&self) -> bool {
         !self.posts.is_empty()
             || (self.cluster.is_some() && !self.next.acks.is_empty())
