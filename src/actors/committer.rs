@@ -115,14 +115,12 @@ pub struct Committer {
     barriers: Vec<oneshot::Sender<()>>,
     writing: bool,
     flush_queued: bool,
-    /// A deferred flush is scheduled (see [`DEFER`]).
-    defer_armed: bool,
+    /// When the earliest scheduled wake-up is due (the end of [`DEFER`] or of `min_interval`).
+    wake_due: Option<Instant>,
     /// Shortest time between the starts of two batches while urgent work keeps coming.
     min_interval: Duration,
     /// When the last batch started.
     last_start: Option<Instant>,
-    /// A wake-up is due when `min_interval` since `last_start` has passed.
-    interval_armed: bool,
     /// Since when deferred work has waited, so it waits [`DEFER`] in all, not per timer.
     deferred_since: Option<Instant>,
     /// After a failed batch, nothing is written before this (see [`RETRY_PAUSE`]).
@@ -160,10 +158,9 @@ impl Committer {
             barriers: Vec::new(),
             writing: false,
             flush_queued: false,
-            defer_armed: false,
+            wake_due: None,
             min_interval: Duration::ZERO,
             last_start: None,
-            interval_armed: false,
             deferred_since: None,
             retry_at: None,
             cluster: None,
@@ -212,12 +209,8 @@ impl Committer {
                 || self.posts.len() >= POSTS_SKIP_INTERVAL
             {
                 self.flush_now(ctx);
-            } else if !self.interval_armed {
-                self.interval_armed = true;
-                ctx.run_later(left, |act, ctx| {
-                    act.interval_armed = false;
-                    act.wake(ctx);
-                });
+            } else {
+                self.wake_in(left, ctx);
             }
             return;
         }
@@ -229,13 +222,24 @@ impl Committer {
         let left = DEFER.saturating_sub(since.elapsed());
         if left.is_zero() {
             self.flush_now(ctx);
-        } else if !self.defer_armed {
-            self.defer_armed = true;
-            ctx.run_later(left, |act, ctx| {
-                act.defer_armed = false;
-                act.wake(ctx);
-            });
+        } else {
+            self.wake_in(left, ctx);
         }
+    }
+
+    /// Calls [`Committer::wake`] again after `left`, unless a wake-up is due sooner already.
+    fn wake_in(&mut self, left: Duration, ctx: &mut Context<Self>) {
+        let due = Instant::now() + left;
+        if self.wake_due.is_some_and(|d| d <= due) {
+            return;
+        }
+        self.wake_due = Some(due);
+        ctx.run_later(left, move |act, ctx| {
+            if act.wake_due == Some(due) {
+                act.wake_due = None;
+            }
+            act.wake(ctx);
+        });
     }
 
     fn flush_now(&mut self, ctx: &mut Context<Self>) {

@@ -93,13 +93,9 @@ async fn a_batch_writes_posts_marks_acks_and_last_seen_in_order(b: Backend) {
         100,
     )
     .unwrap();
-    let seqs: Vec<i64> = out
-        .posts
-        .iter()
-        .map(|p| match p {
-            PostOutcome::Created { seq, .. } => *seq,
-            other => panic!("not created: {other:?}"),
-        })
+    let seqs: Vec<i64> = created_seqs(&out)
+        .into_iter()
+        .map(|seq| seq.unwrap_or_else(|| panic!("not all created: {:?}", out.posts)))
         .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     for (i, id) in ["n1", "n2", "n3"].iter().enumerate() {
