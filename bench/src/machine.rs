@@ -11,7 +11,14 @@
 //!   `parallel_slowdown`, is ~1 where two cores are really two cores;
 //! - `syscall_ns`: one trivial system call (`getppid`), the floor under every socket operation;
 //! - `loopback_round_trip_us`: one byte to a thread and back over TCP on 127.0.0.1 (no Nagle),
-//!   the path every post, push and ack takes.
+//!   the path every post, push and ack takes;
+//! - `loopback_message_cpu_us`: the CPU time, sender's and receiver's together and the kernel's
+//!   included, that one 200-byte message costs over loopback TCP when many are in flight (32
+//!   connections, each carrying one message each way per round). A notification is at least four
+//!   such messages — the post, its `202`, the push and the ack — so four times this figure is
+//!   what the transport alone takes per notification on this machine, before Herald or the load
+//!   generator runs a line of its own code; `transport_floor_per_s` is the rate at which that
+//!   floor alone fills every core.
 //!
 //! Takes about a second, on an otherwise idle machine: run it before the load starts.
 
@@ -28,6 +35,13 @@ const SPIN: u64 = 50_000_000;
 const TABLE: usize = 1 << 20;
 const SYSCALLS: u32 = 200_000;
 const ROUND_TRIPS: u32 = 5_000;
+/// Connections in flight, rounds and message size of the message-cost figure: 32 × 600 × 2 =
+/// 38,400 messages of a post's or a push's size.
+const MSG_CONNS: usize = 32;
+const MSG_ROUNDS: u32 = 600;
+const MSG_BYTES: usize = 200;
+/// Messages one notification costs at the least: the post, its answer, the push, the ack.
+const MESSAGES_PER_NOTIFICATION: f64 = 4.0;
 
 /// Four independent xorshift chains (they keep several execution units busy, as real code
 /// does, so two hardware threads of one core get in each other's way) and a dependent walk
@@ -101,6 +115,71 @@ fn loopback_round_trip_us() -> Result<f64, std::io::Error> {
     Ok(us)
 }
 
+/// The calling thread's CPU time (user and system) in µs.
+fn thread_cpu_us() -> f64 {
+    // SAFETY: getrusage writes one `rusage` into the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_THREAD is Linux's, which is the only target this tool runs on.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) } != 0 {
+        return f64::NAN;
+    }
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(u.ru_utime) + us(u.ru_stime)
+}
+
+/// CPU µs per loopback message (see the module's notes): a client thread writes one message on
+/// each of `MSG_CONNS` connections, then reads each one's echo; an echo thread reads and writes
+/// back connection by connection. Both threads' CPU time over all the rounds, divided by the
+/// messages both ways. On loopback the receiving side's protocol work runs in the sender's system
+/// call, so the sum covers the whole path.
+fn loopback_message_cpu_us() -> Result<f64, std::io::Error> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> Result<f64, std::io::Error> {
+        let mut conns = Vec::with_capacity(MSG_CONNS);
+        for _ in 0..MSG_CONNS {
+            let (s, _) = listener.accept()?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            conns.push(s);
+        }
+        let mut b = [0u8; MSG_BYTES];
+        let start = thread_cpu_us();
+        for _ in 0..MSG_ROUNDS {
+            for s in &mut conns {
+                s.read_exact(&mut b)?;
+                s.write_all(&b)?;
+            }
+        }
+        Ok(thread_cpu_us() - start)
+    });
+    // As in `loopback_round_trip_us`: should this side fail, the echo thread ends on its read
+    // timeout or stays parked in `accept`.
+    let mut conns = Vec::with_capacity(MSG_CONNS);
+    for _ in 0..MSG_CONNS {
+        let c = TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conns.push(c);
+    }
+    let mut b = [7u8; MSG_BYTES];
+    let start = thread_cpu_us();
+    for _ in 0..MSG_ROUNDS {
+        for c in &mut conns {
+            c.write_all(&b)?;
+        }
+        for c in &mut conns {
+            c.read_exact(&mut b)?;
+        }
+    }
+    let mine = thread_cpu_us() - start;
+    let theirs = echo
+        .join()
+        .map_err(|_| std::io::Error::other("echo thread panicked"))??;
+    let messages = 2.0 * MSG_CONNS as f64 * f64::from(MSG_ROUNDS);
+    Ok((mine + theirs) / messages)
+}
+
 fn cpu_model() -> Value {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -132,21 +211,35 @@ pub fn measure() -> Value {
     let loopback = loopback_round_trip_us()
         .map_err(|e| eprintln!("herald-bench: loopback round trip not measured: {e}"))
         .ok();
+    let message = loopback_message_cpu_us()
+        .map_err(|e| eprintln!("herald-bench: loopback message cost not measured: {e}"))
+        .ok();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     json!({
         "cpu_model": cpu_model(),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpus": cpus,
         "spin_one_thread_ms": round(one, 1),
         "spin_two_threads_ms": round(two, 1),
         "parallel_slowdown": round(two / one, 2),
         "syscall_ns": round(syscall_ns(), 0),
         "loopback_round_trip_us": loopback.map(|v| round(v, 1)),
+        "loopback_message_cpu_us": message.map(|v| round(v, 2)),
+        "transport_floor_per_s": message.map(|v| transport_floor_per_s(v, cpus)),
     })
+}
+
+/// Notifications per second at which four messages each, at `message_cpu_us` apiece, would keep
+/// all `cpus` busy.
+fn transport_floor_per_s(message_cpu_us: f64, cpus: usize) -> u64 {
+    (cpus as f64 * 1e6 / (MESSAGES_PER_NOTIFICATION * message_cpu_us)).round() as u64
 }
 
 /// `machine: …` for the summary line's neighbour on stderr.
 pub fn line(m: &Value) -> String {
     format!(
-        "machine: {} × {}; spin {} ms on one thread, {} ms on two (×{}); syscall {} ns; loopback round trip {} µs",
+        "machine: {} × {}; spin {} ms on one thread, {} ms on two (×{}); syscall {} ns; loopback round trip {} µs; {} µs CPU per loopback message (transport alone fills the cores at {} notifications/s)",
         m["cpus"],
         m["cpu_model"].as_str().unwrap_or("?"),
         m["spin_one_thread_ms"],
@@ -154,6 +247,8 @@ pub fn line(m: &Value) -> String {
         m["parallel_slowdown"],
         m["syscall_ns"],
         m["loopback_round_trip_us"],
+        m["loopback_message_cpu_us"],
+        m["transport_floor_per_s"],
     )
 }
 
@@ -167,12 +262,24 @@ mod tests {
         assert!(ns > 0.0 && ns < 1e6, "{ns}");
         let rtt = loopback_round_trip_us().expect("loopback echo");
         assert!(rtt > 0.0 && rtt < 1e5, "{rtt}");
+        let msg = loopback_message_cpu_us().expect("loopback messages");
+        // A message costs at least the two system calls that carry it; 10 ms would be a fault.
+        assert!(
+            msg > 2.0 * ns / 1e3 && msg < 1e4,
+            "{msg} µs vs syscall {ns} ns"
+        );
+        assert_eq!(transport_floor_per_s(5.0, 2), 100_000);
         let m = json!({"cpus": 2, "cpu_model": "X", "spin_one_thread_ms": 1.0,
             "spin_two_threads_ms": 2.0, "parallel_slowdown": 2.0, "syscall_ns": ns.round(),
-            "loopback_round_trip_us": rtt});
+            "loopback_round_trip_us": rtt, "loopback_message_cpu_us": 5.0,
+            "transport_floor_per_s": 100_000});
         let l = line(&m);
         assert!(
             l.starts_with("machine: 2 × X; spin 1.0 ms on one thread, 2.0 ms on two (×2.0)"),
+            "{l}"
+        );
+        assert!(
+            l.ends_with("5.0 µs CPU per loopback message (transport alone fills the cores at 100000 notifications/s)"),
             "{l}"
         );
     }
