@@ -97,8 +97,9 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 256)]
     connect_concurrency: usize,
 
-    /// Skip measuring the machine before the run (about a second: a CPU loop on one and on two
-    /// threads, a system call, a loopback round trip; the report's `machine`). A multi-process
+    /// Skip measuring the machine before the run (one to two seconds: a CPU loop on one and on
+    /// two threads, a system call, a loopback round trip, the CPU cost of a loopback message; the
+    /// report's `machine`). A multi-process
     /// run (`--shard i/n`, n > 1) never measures it — the processes would measure each other's
     /// set-up: run `herald-bench machine` before it instead.
     #[arg(long, global = true)]
