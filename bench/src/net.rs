@@ -159,6 +159,34 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / ticks)
 }
 
+/// The load generator's own CPU over its posting phase and that phase's wall time. The phase ends
+/// when every post has been answered or given up on: at saturation that is well past the nominal
+/// duration, while the backlog is worked off, so the CPU is divided by the real length.
+pub struct PostingCpu {
+    pub cpu_s: Option<f64>,
+    pub elapsed_s: f64,
+}
+
+impl PostingCpu {
+    /// This process's CPU since the `before` reading ([`cpu_seconds`]), over a phase that began
+    /// at `from_ns` and ends now (both in ns since the UNIX epoch). A phase that began with a wait
+    /// for its start time is counted from that start, the wait's few cycles with it.
+    pub fn since(before: Option<f64>, from_ns: u64, now_ns: u64) -> Self {
+        let after = cpu_seconds(std::process::id());
+        PostingCpu {
+            cpu_s: before.zip(after).map(|(a, b)| b - a),
+            elapsed_s: now_ns.saturating_sub(from_ns) as f64 / 1e9,
+        }
+    }
+
+    /// Cores used on average over the phase.
+    pub fn cores(&self) -> Option<f64> {
+        self.cpu_s
+            .filter(|_| self.elapsed_s > 0.0)
+            .map(|c| c / self.elapsed_s)
+    }
+}
+
 /// One HTTP answer.
 pub struct Response {
     pub status: u16,
@@ -364,4 +392,40 @@ pub async fn listening(addr: SocketAddr, wait: Duration) -> bool {
         tokio::time::timeout(wait, TcpStream::connect(addr)).await,
         Ok(Ok(_))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn posting_cpu_is_divided_by_the_phase_it_was_read_over() {
+        let long = PostingCpu {
+            cpu_s: Some(21.0),
+            elapsed_s: 30.0,
+        };
+        assert_eq!(long.cores(), Some(0.7));
+        let none = PostingCpu {
+            cpu_s: None,
+            elapsed_s: 30.0,
+        };
+        assert_eq!(none.cores(), None);
+        let instant = PostingCpu {
+            cpu_s: Some(1.0),
+            elapsed_s: 0.0,
+        };
+        assert_eq!(instant.cores(), None);
+        // Read for real: this process used some CPU over a phase that took some time.
+        let started = std::time::Instant::now();
+        let before = cpu_seconds(std::process::id());
+        let mut x = 1u64;
+        while started.elapsed() < std::time::Duration::from_millis(30) {
+            x = std::hint::black_box(x.wrapping_mul(3) + 1);
+        }
+        let real = PostingCpu::since(before, 1_000_000_000, 1_030_000_000);
+        assert_eq!(real.elapsed_s, 0.03);
+        assert!(real.cpu_s.is_some_and(|c| c >= 0.0), "{:?}", real.cpu_s);
+        // A phase that has not begun yet (a start time still ahead) has no length, no cores.
+        assert_eq!(PostingCpu::since(before, 2_000, 1_000).cores(), None);
+    }
 }
