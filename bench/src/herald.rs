@@ -828,9 +828,7 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
             (a, b, (pa, pb))
         })
     };
-    let client_cpu_before = net::cpu_seconds(std::process::id());
-    // The posting phase begins at t0 (after a `--start-at` wait, if any).
-    let posting_from = now_ns().max(t0);
+    let client_cpu = net::PostingClock::start(t0);
 
     let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
     let job_rx = Arc::new(Mutex::new(job_rx));
@@ -872,7 +870,7 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
         out.connects += r.connects;
     }
     let posting_done = now_ns();
-    let client_cpu = net::PostingCpu::since(client_cpu_before, posting_from, posting_done);
+    let client_cpu = client_cpu.stop(posting_done);
     let ((srv_a, stats_a, ta), (srv_b, stats_b, tb), (post_a, post_b)) =
         sampler.await.map_err(|e| e.to_string())?;
     // What the client counts (receipts, acks, answers) is counted by timestamp inside the nominal
@@ -1093,12 +1091,7 @@ pub async fn deliver(ctx: Arc<Ctx>, o: DeliverOpts, replay: bool) -> Result<Valu
             "stats_before": stats_before,
             "stats_after": stats_after,
         },
-        "client": {
-            "cpu_s_posting": client_cpu.cpu_s.map(|c| round(c, 3)),
-            "posting_s": round(client_cpu.elapsed_s, 3),
-            "cpu_cores_posting": client_cpu.cores().map(|c| round(c, 3)),
-            "rss_kib": net::rss_kib(std::process::id()),
-        },
+        "client": client_cpu.report(),
         "presence": match presence {
             Some(p) => p.await.map_err(|e| e.to_string())?,
             None => Value::Null,

@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::report::round;
+
 /// Iterations of the spin loop: ~0.2–0.5 s on one core of the project's machines.
 const SPIN: u64 = 50_000_000;
 /// The table `spin` walks: 4 MiB of indices, past the per-core caches.
@@ -87,13 +89,19 @@ fn syscall_ns() -> f64 {
     t.elapsed().as_secs_f64() * 1e9 / f64::from(SYSCALLS)
 }
 
+/// A measuring socket: every small write goes out at once (no Nagle), and a read that waits 5 s
+/// fails rather than hangs, so one side's failure ends the other's loop.
+fn tuned(s: TcpStream) -> Result<TcpStream, std::io::Error> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
 fn loopback_round_trip_us() -> Result<f64, std::io::Error> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let echo = std::thread::spawn(move || -> Result<(), std::io::Error> {
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut s = tuned(listener.accept()?.0)?;
         let mut b = [0u8; 1];
         for _ in 0..ROUND_TRIPS {
             s.read_exact(&mut b)?;
@@ -103,9 +111,7 @@ fn loopback_round_trip_us() -> Result<f64, std::io::Error> {
     });
     // Should the connect fail, the echo thread stays in `accept` until the process ends: a
     // parked thread, nothing more.
-    let mut c = TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut c = tuned(TcpStream::connect(addr)?)?;
     let mut b = [7u8; 1];
     let t = Instant::now();
     for _ in 0..ROUND_TRIPS {
@@ -161,13 +167,9 @@ fn loopback_messages() -> Result<MessageCpu, std::io::Error> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let echo = std::thread::spawn(move || -> Result<f64, std::io::Error> {
-        let mut conns = Vec::with_capacity(MSG_CONNS);
-        for _ in 0..MSG_CONNS {
-            let (s, _) = listener.accept()?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            conns.push(s);
-        }
+        let mut conns = (0..MSG_CONNS)
+            .map(|_| tuned(listener.accept()?.0))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut b = [0u8; MSG_BYTES];
         let start = thread_cpu_us().ok_or_else(unavailable)?;
         for _ in 0..MSG_ROUNDS {
@@ -180,13 +182,9 @@ fn loopback_messages() -> Result<MessageCpu, std::io::Error> {
     });
     // As in `loopback_round_trip_us`: should this side fail, the echo thread ends on its read
     // timeout or stays parked in `accept`.
-    let mut conns = Vec::with_capacity(MSG_CONNS);
-    for _ in 0..MSG_CONNS {
-        let c = TcpStream::connect(addr)?;
-        c.set_nodelay(true)?;
-        c.set_read_timeout(Some(Duration::from_secs(5)))?;
-        conns.push(c);
-    }
+    let mut conns = (0..MSG_CONNS)
+        .map(|_| tuned(TcpStream::connect(addr)?))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut b = [7u8; MSG_BYTES];
     let start = thread_cpu_us().ok_or_else(unavailable)?;
     for _ in 0..MSG_ROUNDS {
@@ -221,11 +219,6 @@ fn cpu_model() -> Value {
                 .map(|(_, v)| json!(v.trim()))
         })
         .unwrap_or(Value::Null)
-}
-
-fn round(v: f64, places: i32) -> f64 {
-    let f = 10f64.powi(places);
-    (v * f).round() / f
 }
 
 /// Measures the machine (see the module's notes).

@@ -325,9 +325,7 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
         )));
         pubs.push((client, order));
     }
-    let client_cpu_before = net::cpu_seconds(std::process::id());
-    // The posting phase begins at t0 (after a `--start-at` wait, if any).
-    let posting_from = now_ns().max(t0);
+    let client_cpu = net::PostingClock::start(t0);
     let total = (o.rate * o.duration).round() as u64;
     // Published from the pacer thread itself (`try_publish` only queues the request for the
     // client's event loop), as Herald's posts are queued for its posters from the same thread.
@@ -385,7 +383,7 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
         *out.statuses.0.entry("not_queued".into()).or_default() += refused;
     }
     let posting_done = now_ns();
-    let client_cpu = net::PostingCpu::since(client_cpu_before, posting_from, posting_done);
+    let client_cpu = client_cpu.stop(posting_done);
     let ((sa, ta), (sb, tb)) = sampler.await.map_err(|e| e.to_string())?;
     // As in Herald's run: the client's counts by the nominal window, the broker's CPU by the
     // time between its two samples.
@@ -450,11 +448,6 @@ pub async fn deliver(run: &str, o: MqttOpts) -> Result<Value, String> {
             "cpu_cores_used": cpu_window.map(|x| round(x / sampled_s, 3)),
             "cpu_us_per_delivery": match cpu_window { Some(x) if c.recv_in_window > 0 => Some(round(x / c.recv_in_window as f64 * 1e6, 2)), _ => None },
         },
-        "client": {
-            "cpu_s_posting": client_cpu.cpu_s.map(|c| round(c, 3)),
-            "posting_s": round(client_cpu.elapsed_s, 3),
-            "cpu_cores_posting": client_cpu.cores().map(|c| round(c, 3)),
-            "rss_kib": net::rss_kib(std::process::id()),
-        },
+        "client": client_cpu.report(),
     }))
 }

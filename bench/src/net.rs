@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::report::{now_ns, round};
+
 /// Parses `HOST:PORT` and refuses anything outside 127.0.0.0/8: this tool only ever loads a
 /// server on the same machine.
 pub fn loopback_target(s: &str) -> Result<SocketAddr, String> {
@@ -159,31 +161,58 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / ticks)
 }
 
-/// The load generator's own CPU over its posting phase and that phase's wall time. The phase ends
-/// when every post has been answered or given up on: at saturation that is well past the nominal
-/// duration, while the backlog is worked off, so the CPU is divided by the real length.
-pub struct PostingCpu {
-    pub cpu_s: Option<f64>,
-    pub elapsed_s: f64,
+/// The load generator's own CPU over its posting phase, started before the posters are (see
+/// [`PostingClock::stop`]).
+pub struct PostingClock {
+    cpu_before: Option<f64>,
+    from_ns: u64,
 }
 
-impl PostingCpu {
-    /// This process's CPU since the `before` reading ([`cpu_seconds`]), over a phase that began
-    /// at `from_ns` and ends now (both in ns since the UNIX epoch). A phase that began with a wait
-    /// for its start time is counted from that start, the wait's few cycles with it.
-    pub fn since(before: Option<f64>, from_ns: u64, now_ns: u64) -> Self {
-        let after = cpu_seconds(std::process::id());
-        PostingCpu {
-            cpu_s: before.zip(after).map(|(a, b)| b - a),
-            elapsed_s: now_ns.saturating_sub(from_ns) as f64 / 1e9,
+impl PostingClock {
+    /// Reads this process's CPU now; the phase itself begins at `t0` (ns since the UNIX epoch,
+    /// after a `--start-at` wait, if any), or now if that has passed.
+    pub fn start(t0: u64) -> Self {
+        PostingClock {
+            cpu_before: cpu_seconds(std::process::id()),
+            from_ns: now_ns().max(t0),
         }
     }
 
+    /// The phase ends at `end_ns`, when every post has been answered or given up on: at
+    /// saturation that is well past the nominal duration, while the backlog is worked off, so the
+    /// CPU is divided by the phase's real length. The wait before `t0` costs a few cycles and is
+    /// counted with the CPU, not with the length.
+    pub fn stop(self, end_ns: u64) -> PostingCpu {
+        let after = cpu_seconds(std::process::id());
+        PostingCpu {
+            cpu_s: self.cpu_before.zip(after).map(|(a, b)| b - a),
+            elapsed_s: end_ns.saturating_sub(self.from_ns) as f64 / 1e9,
+        }
+    }
+}
+
+/// What [`PostingClock::stop`] read: CPU seconds and the phase's wall time.
+pub struct PostingCpu {
+    cpu_s: Option<f64>,
+    elapsed_s: f64,
+}
+
+impl PostingCpu {
     /// Cores used on average over the phase.
-    pub fn cores(&self) -> Option<f64> {
+    fn cores(&self) -> Option<f64> {
         self.cpu_s
             .filter(|_| self.elapsed_s > 0.0)
             .map(|c| c / self.elapsed_s)
+    }
+
+    /// The report's `client` object: the figures above and the process's RSS now.
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cpu_s_posting": self.cpu_s.map(|c| round(c, 3)),
+            "posting_s": round(self.elapsed_s, 3),
+            "cpu_cores_posting": self.cores().map(|c| round(c, 3)),
+            "rss_kib": rss_kib(std::process::id()),
+        })
     }
 }
 
@@ -417,15 +446,24 @@ mod tests {
         assert_eq!(instant.cores(), None);
         // Read for real: this process used some CPU over a phase that took some time.
         let started = std::time::Instant::now();
-        let before = cpu_seconds(std::process::id());
+        let clock = PostingClock::start(0);
+        let from_ns = clock.from_ns;
         let mut x = 1u64;
         while started.elapsed() < std::time::Duration::from_millis(30) {
             x = std::hint::black_box(x.wrapping_mul(3) + 1);
         }
-        let real = PostingCpu::since(before, 1_000_000_000, 1_030_000_000);
+        let real = clock.stop(from_ns + 30_000_000);
         assert_eq!(real.elapsed_s, 0.03);
         assert!(real.cpu_s.is_some_and(|c| c >= 0.0), "{:?}", real.cpu_s);
+        let report = real.report();
+        assert_eq!(report["posting_s"], 0.03, "{report}");
+        assert!(
+            report["rss_kib"].as_u64().is_some_and(|k| k > 0),
+            "{report}"
+        );
         // A phase that has not begun yet (a start time still ahead) has no length, no cores.
-        assert_eq!(PostingCpu::since(before, 2_000, 1_000).cores(), None);
+        let ahead = PostingClock::start(now_ns() + 2_000_000_000);
+        let end = ahead.from_ns - 1_000;
+        assert_eq!(ahead.stop(end).cores(), None);
     }
 }
